@@ -1,0 +1,61 @@
+"""The stages of the AlexaTM pipeline, one small module each over shared parts.
+
+Every stage is a function ``run(cfg, inputs) -> metrics`` called inside its MLflow run by
+:func:`atm.train.execute`; it logs its own metrics and artifacts and returns the final metrics (which
+must contain ``cfg.stage.objective`` so a sweep can optimise it).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from importlib import import_module
+from typing import Callable
+
+from omegaconf import DictConfig
+
+from atm.errors import AtmError
+
+
+@dataclass(frozen=True)
+class Stage:
+    """A registered stage.
+
+    Attributes:
+        name: the value of ``stage=`` on the command line.
+        target: ``module:function`` of its ``run(cfg, inputs) -> dict[str, float]``.
+        reads: the top-level config groups that define what it trains (they enter its config hash).
+        artifact: the artifact directory consumers download (``checkpoint`` or ``tokenizer``).
+    """
+
+    name: str
+    target: str
+    reads: tuple[str, ...]
+    artifact: str = "checkpoint"
+
+    def hashed_keys(self, cfg: DictConfig) -> tuple[str, ...]:
+        return ("stage", "seed", *self.reads, *cfg.stage.inputs)
+
+    @property
+    def run(self) -> Callable:
+        module, function = self.target.split(":")
+        return getattr(import_module(module), function)
+
+
+_MODEL = ("model", "trainer", "data")
+STAGES = {s.name: s for s in (
+    Stage("train_tokenizer", "atm.stages.tokenizer:run", ("tokenizer", "data"), artifact="tokenizer"),
+    Stage("pretrain_stage1", "atm.stages.pretrain:run", _MODEL),
+    Stage("pretrain_stage2", "atm.stages.pretrain:run", _MODEL),
+    Stage("distill_intermediate", "atm.stages.distill:run", (*_MODEL, "distill")),
+    Stage("distill_final", "atm.stages.distill:run", (*_MODEL, "distill")),
+    Stage("finetune", "atm.stages.finetune:run", ("trainer", "data", "finetune")),
+    Stage("evaluate", "atm.stages.evaluate:run", ("data", "eval"), artifact="evaluation"),
+)}
+
+
+def get_stage(name: str) -> Stage:
+    """The stage called ``name``. Raises AtmError naming the unknown stage and the known ones."""
+    try:
+        return STAGES[name]
+    except KeyError:
+        raise AtmError(f"unknown stage '{name}' (known: {', '.join(STAGES)})") from None

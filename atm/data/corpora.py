@@ -1,0 +1,320 @@
+"""Pretraining text (Stage 1 written form, Stage 2 spoken form), held-out text, and the evaluation-text filter.
+
+Every pretraining line whose normalised form (:func:`normalize_text`) occurs in any evaluation split
+(:func:`evaluation_texts`) is dropped, and repeats of a normalised form are dropped anywhere in the
+corpus (first occurrence wins); then the optional per-(source, language) cap is applied by seeded
+sampling. The number of lines read, dropped as evaluation text, dropped as repeats and kept is logged
+per source. The filtered corpora and the evaluation-text set are memoised in the data directory
+(``.derived/``), keyed by every file they read, so capped demo corpora build in about a second.
+
+Sources (``TextLine.source``):
+
+* written: ``ud`` (UD train treebanks: English-EWT, Turkish-IMST, Vietnamese-VTB), ``udpos_xtreme``
+  (XTREME udpos train files, tokens joined with spaces), ``xnli`` (premises and hypotheses of the
+  XNLI training sets);
+* spoken: ``massive`` (``utt`` of the train partition, ``lang`` = locale), ``slurp_lm`` (SLURP
+  ``lm.txt``, ``lang`` = ``en-US``);
+* held out (not filtered, not de-duplicated): ``ud_dev`` (UD dev treebanks), ``massive_dev``
+  (MASSIVE dev utterances).
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import random
+import sys
+import unicodedata
+from collections.abc import Callable, Collection, Iterable, Sequence
+from pathlib import Path
+from typing import NamedTuple
+
+from atm.data.cache import derived
+from atm.data.fetch import data_dir, fetch, mirror_dir
+from atm.data.massive import MASSIVE_ARCHIVE, massive_locales, massive_utterances
+from atm.data.slurp import SLURP_LM, SLURP_SPLITS, slurp_lm_lines, slurp_sentences
+from atm.data.ud import read_conllu, read_udpos_tsv, ud_files, udpos_files
+from atm.data.xnli import read_xnli_file, xnli_eval_files, xnli_train_languages
+from atm.errors import AtmError
+
+log = logging.getLogger(__name__)
+
+
+class TextLine(NamedTuple):
+    """One line of text with its language (ISO code, or MASSIVE locale) and source name."""
+
+    lang: str
+    text: str
+    source: str
+
+
+def normalize_text(text: str) -> str:
+    """Return the form used to compare texts across sources: NFKC, casefolded, punctuation and whitespace removed.
+
+    Whitespace is removed rather than collapsed because the same sentence appears with its original
+    spacing (UD ``# text``), as space-joined tokens (udpos_xtreme, XNLI machine translations) or with
+    slot-boundary spaces (MASSIVE ja/zh), and unspaced scripts (ja, zh, th) are compared as a whole.
+    Punctuation (Unicode category P*) and invisible format characters (Cf, e.g. zero-width joiners) are
+    removed so that ``"what's the weather?"`` and ``"whats the weather"`` count as the same utterance.
+    """
+    return "".join(unicodedata.normalize("NFKC", text).casefold().translate(_punctuation_table()).split())
+
+
+@functools.cache
+def _punctuation_table() -> dict[int, None]:
+    """Deletion table for :meth:`str.translate`: punctuation (P*) and format (Cf) characters."""
+    categories = (unicodedata.category(chr(cp)) for cp in range(sys.maxunicode + 1))
+    return {cp: None for cp, cat in enumerate(categories) if cat[0] == "P" or cat == "Cf"}
+
+
+# ---------------------------------------------------------------------------------------------
+# sources: one file (mirror-layout path) and how to get its lines
+
+TextsFn = Callable[[Path, str], Iterable[str]]  # (local path, lang) -> lines
+
+
+class _Source(NamedTuple):
+    name: str  # TextLine.source
+    lang: str
+    rel: str  # the file read, in the mirror layout
+    texts: TextsFn
+
+
+def _conllu_texts(path: Path, lang: str) -> Iterable[str]:
+    return (sentence.text for sentence in read_conllu(path, lang))
+
+
+def _udpos_texts(path: Path, lang: str) -> Iterable[str]:
+    return (sentence.text for sentence in read_udpos_tsv(path, lang))
+
+
+def _xnli_texts(path: Path, lang: str) -> Iterable[str]:
+    pairs = list(read_xnli_file(path, lang))
+    return [pair.premise for pair in pairs] + [pair.hypothesis for pair in pairs]
+
+
+def _slurp_texts(path: Path, _lang: str) -> Iterable[str]:
+    return slurp_sentences(path.name.split(".", 1)[0])
+
+
+def _slurp_lm_texts(_path: Path, _lang: str) -> Iterable[str]:
+    return slurp_lm_lines()
+
+
+def _massive_sources(name: str, partitions: Sequence[str], locales: Iterable[str]) -> list[_Source]:
+    def texts(_path: Path, locale: str) -> list[str]:
+        return [utt for partition in partitions for utt in massive_utterances(partition, [locale])[locale]]
+
+    return [_Source(name, locale, MASSIVE_ARCHIVE, texts) for locale in locales]
+
+
+def _file_sources(name: str, files: dict[str, str], texts: TextsFn) -> list[_Source]:
+    """Sources for ``{mirror path: lang}`` files read by ``texts``."""
+    return [_Source(name, lang, rel, texts) for rel, lang in files.items()]
+
+
+def _evaluation_sources() -> list[_Source]:
+    slurp = {f"slurp/dataset/slurp/{split}.jsonl.gz": "en-US" for split in SLURP_SPLITS}
+    return [
+        *_massive_sources("massive", ("dev", "test"), massive_locales()),
+        *_file_sources("slurp", slurp, _slurp_texts),
+        *_file_sources("xnli", xnli_eval_files(), _xnli_texts),
+        *(source for split in ("dev", "test") for source in [  # UD dev/test: the PUD sets are test files
+            *_file_sources("ud", ud_files(split), _conllu_texts),
+            *_file_sources("udpos_xtreme", udpos_files(split), _udpos_texts),
+        ]),
+    ]  # fmt: skip
+
+
+def _written_sources() -> list[_Source]:
+    xnli = {f"xnli/hf_jsonl/{lang}/train.jsonl.gz": lang for lang in xnli_train_languages()}
+    return [
+        *_file_sources("ud", ud_files("train"), _conllu_texts),
+        *_file_sources("udpos_xtreme", udpos_files("train"), _udpos_texts),
+        *_file_sources("xnli", xnli, _xnli_texts),
+    ]
+
+
+def _spoken_sources() -> list[_Source]:
+    return [
+        *_massive_sources("massive", ("train",), massive_locales()),
+        *_file_sources("slurp_lm", {SLURP_LM: "en-US"}, _slurp_lm_texts),
+    ]
+
+
+def _fetch_all(sources: Iterable[_Source]) -> dict[str, Path]:
+    """Fetch every file the sources read (so that memo keys cover them): ``{rel: local path}``."""
+    return {rel: fetch(rel) for rel in dict.fromkeys(source.rel for source in sources)}
+
+
+# ---------------------------------------------------------------------------------------------
+# evaluation splits
+
+
+def evaluation_texts() -> frozenset[str]:
+    """Return the normalised text (:func:`normalize_text`) of every evaluation split.
+
+    Covers MASSIVE dev and test ``utt`` (all locales), SLURP devel/test sentences, XNLI dev and test
+    premises and hypotheses (XTREME TSV and JSON-lines formats, all languages), UD dev/test sentences
+    of every available treebank including the 11 PUD sets, and udpos_xtreme dev/test sentences.
+    Computed once per process and data location, and memoised in the data directory.
+
+    Raises:
+        AtmError: an evaluation file is missing or malformed.
+    """
+    return _evaluation_texts(data_dir(), mirror_dir())
+
+
+@functools.lru_cache(maxsize=4)
+def _evaluation_texts(_data_dir: Path, _mirror: Path | None) -> frozenset[str]:
+    sources = _evaluation_sources()
+    paths = _fetch_all(sources)
+
+    def build() -> frozenset[str]:
+        return frozenset(
+            normalize_text(text) for source in sources for text in source.texts(paths[source.rel], source.lang)
+        )
+
+    return derived("evaluation-texts", 3, paths.values(), build)
+
+
+# ---------------------------------------------------------------------------------------------
+# corpus assembly
+
+#: Filtered lines per source: [(source name, lang, lines)], and per source name the counts
+#: (read, dropped as evaluation text, dropped as repeats, kept).
+_Groups = list[tuple[str, str, list[str]]]
+_Stats = dict[str, tuple[int, int, int, int]]
+
+
+def _filter(
+    sources: Iterable[_Source], paths: dict[str, Path], exclude: Collection[str], dedup: bool
+) -> tuple[_Groups, _Stats]:
+    """Strip lines, drop blanks, lines in ``exclude`` and (with ``dedup``) repeats across all sources."""
+    seen: set[str] = set()
+    groups: _Groups = []
+    stats: dict[str, list[int]] = {}
+    for source in sources:
+        counts = stats.setdefault(source.name, [0, 0, 0, 0])
+        kept: list[str] = []
+        for line in source.texts(paths[source.rel], source.lang):
+            if not (text := line.strip()):
+                continue
+            counts[0] += 1
+            key = normalize_text(text)
+            if key in exclude:
+                counts[1] += 1
+            elif dedup and key in seen:
+                counts[2] += 1
+            else:
+                seen.add(key)
+                kept.append(text)
+        counts[3] += len(kept)
+        groups.append((source.name, source.lang, kept))
+    return groups, {name: tuple(counts) for name, counts in stats.items()}
+
+
+def _cap(groups: _Groups, cap: int | None, seed: int) -> list[TextLine]:
+    """Keep at most ``cap`` lines per (source, lang) by seeded sampling, in their original order."""
+    if cap is not None and cap < 0:
+        raise AtmError(f"a line cap must be >= 0 or None, got {cap}")
+    corpus: list[TextLine] = []
+    for name, lang, lines in groups:
+        if cap is not None and len(lines) > cap:
+            rng = random.Random(f"{seed}/{name}/{lang}")
+            lines = [lines[i] for i in sorted(rng.sample(range(len(lines)), cap))]
+        corpus.extend(TextLine(lang, text, name) for text in lines)
+    return corpus
+
+
+def _pretraining_corpus(kind: str, sources: list[_Source], cap: int | None, seed: int) -> list[TextLine]:
+    paths = _fetch_all(sources)
+    evaluation_paths = _fetch_all(_evaluation_sources())
+    groups, stats = derived(
+        f"{kind}-corpus",
+        3,
+        [*paths.values(), *evaluation_paths.values()],
+        lambda: _filter(sources, paths, evaluation_texts(), dedup=True),
+    )
+    for name, (read, evaluation, repeats, kept) in stats.items():
+        log.info(
+            "%s corpus, source %s: %d lines read, %d dropped as evaluation-split text, %d repeats dropped, "
+            "%d kept",
+            kind, name, read, evaluation, repeats, kept,
+        )  # fmt: skip
+    return _cap(groups, cap, seed)
+
+
+def written_corpus(max_lines_per_source: int | None = None, seed: int = 0) -> list[TextLine]:
+    """Return the Stage-1 written-form pretraining text.
+
+    Sources, in this order: ``ud`` (sentences of every available UD train treebank: English-EWT,
+    Turkish-IMST, Vietnamese-VTB), ``udpos_xtreme`` (every ``train-<lang>`` file), ``xnli`` (premises,
+    then hypotheses, of every XNLI training set). ``lang`` is the ISO 639 code.
+
+    Args:
+        max_lines_per_source: keep at most this many lines per (source, lang), chosen by seeded
+            sampling after filtering (None: everything).
+        seed: sampling seed; the same seed gives the same lines.
+
+    Returns:
+        Lines with no evaluation-split text (:func:`evaluation_texts`) and no repeats, in source order.
+
+    Raises:
+        AtmError: a source or evaluation file is missing or malformed; a negative cap.
+    """
+    return _pretraining_corpus("written", _written_sources(), max_lines_per_source, seed)
+
+
+def spoken_corpus(max_lines_per_source: int | None = None, seed: int = 0) -> list[TextLine]:
+    """Return the Stage-2 spoken-form (voice-assistant) pretraining text.
+
+    Sources: ``massive`` (``utt`` of the train partition of every locale; ``lang`` is the locale, e.g.
+    ``de-DE``) and ``slurp_lm`` (SLURP ``lm.txt``, ``lang`` ``en-US``). Many short utterances of these
+    also occur in MASSIVE/SLURP dev and test, and most of ``lm.txt`` repeats MASSIVE en-US train (the
+    SLURP train text); both are dropped.
+
+    Args:
+        max_lines_per_source: keep at most this many lines per (source, lang) (None: everything).
+        seed: sampling seed.
+
+    Returns:
+        Lines with no evaluation-split text and no repeats, in source order.
+
+    Raises:
+        AtmError: a source or evaluation file is missing or malformed; a negative cap.
+    """
+    return _pretraining_corpus("spoken", _spoken_sources(), max_lines_per_source, seed)
+
+
+def _heldout(sources: list[_Source], cap: int | None, seed: int) -> list[TextLine]:
+    groups, _ = _filter(sources, _fetch_all(sources), exclude=frozenset(), dedup=False)
+    return _cap(groups, cap, seed)
+
+
+def heldout_written(max_lines_per_lang: int | None = None, seed: int = 0) -> list[TextLine]:
+    """Return held-out written text for perplexity: UD dev sentences (source ``ud_dev``).
+
+    Treebanks: English-EWT, German/French/Spanish/Japanese/Russian-GSD, Chinese-GSDSimp, Turkish-IMST and
+    Vietnamese-VTB dev (every available ``*-ud-dev.conllu``). These are evaluation text, so none of
+    them occurs in :func:`written_corpus`. Nothing is de-duplicated; ``max_lines_per_lang`` caps each
+    language by seeded sampling.
+    """
+    return _heldout(_file_sources("ud_dev", ud_files("dev"), _conllu_texts), max_lines_per_lang, seed)
+
+
+def heldout_spoken(
+    max_lines_per_lang: int | None = None, locales: Collection[str] | None = None, seed: int = 0
+) -> list[TextLine]:
+    """Return held-out spoken text for perplexity: MASSIVE dev utterances (source ``massive_dev``).
+
+    Args:
+        max_lines_per_lang: cap per locale, by seeded sampling (None: all 2,033 per locale).
+        locales: MASSIVE locales (a single string is accepted; None: all).
+        seed: sampling seed.
+
+    Raises:
+        AtmError: unknown locale, negative cap.
+    """
+    chosen = list(massive_utterances("dev", locales))  # checks the locales
+    return _heldout(_massive_sources("massive_dev", ("dev",), chosen), max_lines_per_lang, seed)

@@ -1,0 +1,133 @@
+"""Shared low-level text I/O for every reader in :mod:`atm.data`.
+
+All readers open files through :func:`open_text` (so a cached copy may be plain or gzipped), number
+lines with :func:`numbered_lines`, parse JSON lines with :func:`parse_json_line` and report bad input
+as ``AtmError("<file>:<line>: <what is wrong>")`` via :func:`where` -- one format everywhere.
+"""
+
+from __future__ import annotations
+
+import gzip
+import io
+import json
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import IO, Any
+
+from atm.errors import AtmError
+
+_GZIP_MAGIC = b"\x1f\x8b"
+
+
+def is_gzip(path: str | Path) -> bool:
+    """Return True when the file at ``path`` starts with the gzip magic bytes (whatever its name)."""
+    with open(path, "rb") as fh:
+        return fh.read(2) == _GZIP_MAGIC
+
+
+def open_text(path: str | Path) -> IO[str]:
+    """Open a text file for reading as UTF-8, transparently decompressing gzip.
+
+    Gzip is detected from the content, not the name, so ``x.conllu`` and ``x.conllu.gz`` both work
+    whichever form the cache holds. Only ``\\n`` ends a line (a stray ``\\r`` inside a field is not a
+    line break); line endings are returned untranslated and callers strip them.
+
+    Raises:
+        AtmError: the file does not exist.
+    """
+    path = Path(path)
+    try:
+        raw: IO[bytes] = gzip.open(path, "rb") if is_gzip(path) else open(path, "rb")
+    except FileNotFoundError:
+        raise AtmError(f"{path}: no such file") from None
+    return io.TextIOWrapper(raw, encoding="utf-8", newline="\n")
+
+
+def numbered_lines(path: str | Path) -> Iterator[tuple[int, str]]:
+    """Yield ``(line_number, line)`` for every line of ``path`` (1-based; line ending removed).
+
+    Blank lines are yielded too (CoNLL-U and the token-per-line formats need them).
+
+    Raises:
+        AtmError: the file does not exist or is not valid UTF-8 (message names file and line).
+    """
+    lineno = 0
+    with open_text(path) as fh:
+        try:
+            for lineno, line in enumerate(fh, 1):
+                yield lineno, line.rstrip("\r\n")
+        except UnicodeDecodeError as exc:
+            raise AtmError(f"{where(path, lineno + 1)}: not valid UTF-8 ({exc.reason})") from None
+
+
+def read_lines(path: str | Path) -> Iterator[str]:
+    """Yield the lines of a plain or gzipped UTF-8 text file, stripped, skipping blank lines."""
+    for _, line in numbered_lines(path):
+        if line := line.strip():
+            yield line
+
+
+def where(path: str | Path, line: int | None = None) -> str:
+    """Format an error location: ``"<path>:<line>"`` (or just the path when no line is given)."""
+    return f"{path}:{line}" if line is not None else str(path)
+
+
+def parse_json_line(line: str, loc: str) -> dict[str, Any]:
+    """Parse one JSON-lines record that must be a JSON object.
+
+    Args:
+        line: the text of the line.
+        loc: the location used in error messages, e.g. ``"file.jsonl:12"``.
+
+    Raises:
+        AtmError: ``"<loc>: malformed JSON (<reason>): <line start>"`` or ``"<loc>: expected a JSON
+            object, got <type>"``.
+    """
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError as exc:
+        raise AtmError(f"{loc}: malformed JSON ({exc.msg} at column {exc.colno}): {line[:80]!r}") from None
+    if not isinstance(record, dict):
+        raise AtmError(f"{loc}: expected a JSON object, got {type(record).__name__}")
+    return record
+
+
+def iter_jsonl(lines: Iterable[tuple[int, str]], name: str) -> Iterator[tuple[str, dict[str, Any]]]:
+    """Parse numbered JSON lines into ``(location, record)`` pairs, skipping blank lines.
+
+    Args:
+        lines: ``(line_number, text)`` pairs, e.g. from :func:`numbered_lines`.
+        name: the file name used in locations (``"<name>:<line>"``).
+
+    Raises:
+        AtmError: a line is not a JSON object (see :func:`parse_json_line`).
+    """
+    for lineno, line in lines:
+        if line.strip():
+            loc = where(name, lineno)
+            yield loc, parse_json_line(line, loc)
+
+
+def read_jsonl(path: str | Path) -> Iterator[tuple[str, dict[str, Any]]]:
+    """Yield ``(location, record)`` for each non-blank line of a plain or gzipped JSON-lines file.
+
+    Raises:
+        AtmError: a line is not a JSON object; the message starts with ``"<path>:<line>:"``.
+    """
+    return iter_jsonl(numbered_lines(path), str(path))
+
+
+def get_field(record: dict[str, Any], key: str, loc: str, kind: type | tuple[type, ...] = str) -> Any:
+    """Return ``record[key]`` after checking it exists and has type ``kind``.
+
+    Raises:
+        AtmError: ``"<loc>: missing field 'key'"`` or ``"<loc>: field 'key' should be <kind>, got ..."``.
+    """
+    try:
+        value = record[key]
+    except KeyError:
+        raise AtmError(f"{loc}: missing field {key!r}") from None
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        names = "/".join(k.__name__ for k in (kind if isinstance(kind, tuple) else (kind,)))
+        raise AtmError(f"{loc}: field {key!r} should be {names}, got {value!r:.60}")
+    return value

@@ -1,0 +1,167 @@
+"""Lineage: inputs are named by role, resolved to finished MLflow runs, trained when missing.
+
+A stage names what it consumes by role (``teacher=pretrain_stage2``, ``init=stage1``), never by path.
+:func:`resolve` turns the reference into a local checkpoint directory:
+
+* a stage name or alias (``stage1``, ``stage2``, ``intermediate``, ``final``, ``tokenizer``): compose that
+  stage's config (the same config tree, ``stage=<name>``, plus the command-line overrides whose keys start
+  with a prefix in ``lineage.inherit`` and the stage's ``lineage.overrides``), hash it, and reuse the newest
+  FINISHED run with that stage and hash; when none exists, train it first, once, under a file lock, so that
+  parallel sweep trials that need the same teacher wait for one another instead of training it twice;
+* ``runs:/<run_id>``: that run's checkpoint;
+* a path to a checkpoint directory saved with ``save_pretrained``.
+"""
+
+from __future__ import annotations
+
+import fcntl
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator
+
+from omegaconf import DictConfig
+
+from atm import tracking
+from atm.errors import AtmError
+
+ALIASES = {"stage1": "pretrain_stage1", "stage2": "pretrain_stage2", "intermediate": "distill_intermediate",
+           "final": "distill_final", "tokenizer": "train_tokenizer"}
+
+
+@dataclass(frozen=True)
+class Input:
+    """A resolved input: the run it came from (None for a path) and its local checkpoint directory."""
+
+    role: str
+    path: Path
+    run_id: str | None = None
+    stage: str | None = None
+    config_hash: str | None = None
+
+    @property
+    def identity(self) -> str:
+        """What this input contributes to its consumer's config hash: the run's hash, or the path."""
+        return self.config_hash or str(self.path.resolve())
+
+
+def canonical_stage(name: str) -> str:
+    """The stage name for ``name`` or one of its aliases (``stage2`` -> ``pretrain_stage2``)."""
+    return ALIASES.get(name, name)
+
+
+def inherited_overrides(cfg: DictConfig) -> list[str]:
+    """The command-line overrides an input's training inherits (keys under ``lineage.inherit``)."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        task = list(HydraConfig.get().overrides.task)
+    except ValueError:  # not inside a Hydra job
+        return []
+    prefixes = tuple(cfg.lineage.inherit)
+    kept = []
+    for item in task:
+        key = item.split("=", 1)[0].lstrip("+~")
+        if any(key == p or key.startswith(p + ".") for p in prefixes):
+            kept.append(item)
+    return kept
+
+
+def compose_stage(stage: str, overrides: list[str]) -> DictConfig:
+    """Compose the config tree for ``stage=<stage>`` with ``overrides`` (inside or outside a Hydra app)."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    args = [f"stage={stage}", *overrides]
+    if GlobalHydra.instance().is_initialized():
+        return compose(config_name="config", overrides=args)
+    with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
+        return compose(config_name="config", overrides=args)
+
+
+CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
+
+
+@contextmanager
+def _lock(cfg: DictConfig, name: str) -> Iterator[None]:
+    """An exclusive file lock under ``tracking.cache_dir/locks`` (blocks until free)."""
+    path = Path(cfg.tracking.cache_dir) / "locks" / f"{name}.lock"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+Trainer = Callable[[DictConfig, "dict[str, Input]", str], str]
+
+
+def resolve_inputs(cfg: DictConfig, experiment_id: str, train: Trainer) -> dict[str, Input]:
+    """Resolve every role in ``cfg.stage.inputs`` (see :func:`resolve`)."""
+    return {role: resolve(role, cfg, experiment_id, train) for role in cfg.stage.inputs}
+
+
+def run_hash(cfg: DictConfig, inputs: dict[str, Input]) -> str:
+    """The config hash of a run of ``cfg`` over resolved ``inputs`` (see :func:`atm.tracking.config_hash`)."""
+    from atm.stages import get_stage
+
+    return tracking.config_hash(cfg, get_stage(cfg.stage.name).hashed_keys(cfg),
+                                {role: inp.identity for role, inp in inputs.items()})
+
+
+def resolve(role: str, cfg: DictConfig, experiment_id: str, train: Trainer) -> Input:
+    """Resolve input ``role`` of ``cfg`` to a local checkpoint directory.
+
+    Args:
+        role: a top-level config key naming the input (``teacher``, ``init``, ``encoder``, ...).
+        train: ``train(stage_cfg, its_inputs, its_hash)`` trains a composed stage config and returns the id
+            of its FINISHED run.
+
+    Raises:
+        AtmError: the reference is unset, names no stage, run or path, or the stage has no finished run
+            and ``lineage.train_missing`` is false.
+    """
+    from atm.stages import STAGES
+
+    ref = cfg.get(role)
+    if ref is None or str(ref) == "":
+        raise AtmError(f"input '{role}' of stage {cfg.stage.name} is not set (give {role}=<stage|runs:/id|path>)")
+    ref = str(ref)
+    if ref.startswith("runs:/"):
+        run_id = ref[len("runs:/"):].strip("/")
+        return _from_run(role, run_id, cfg)
+    stage = canonical_stage(ref)
+    if stage not in STAGES:
+        path = Path(ref).expanduser()
+        if path.is_dir():
+            return Input(role, path)
+        raise AtmError(f"{role}={ref!r} is neither a stage ({', '.join(sorted(STAGES))}), a run (runs:/<id>) "
+                       f"nor an existing checkpoint directory")
+    sub_cfg = compose_stage(stage, inherited_overrides(cfg) + list(cfg.lineage.overrides.get(stage, [])))
+    sub_inputs = resolve_inputs(sub_cfg, experiment_id, train)
+    hash_ = run_hash(sub_cfg, sub_inputs)
+    run_id = tracking.find_finished_run(experiment_id, stage, hash_)
+    if run_id is None:
+        if not cfg.lineage.train_missing:
+            raise AtmError(f"{role}={ref}: no finished {stage} run with config hash {hash_} in experiment "
+                           f"'{cfg.tracking.experiment}' and lineage.train_missing=false")
+        with _lock(cfg, f"{stage}-{hash_}"):
+            run_id = tracking.find_finished_run(experiment_id, stage, hash_) or train(sub_cfg, sub_inputs, hash_)
+    return _from_run(role, run_id, cfg)
+
+
+def _from_run(role: str, run_id: str, cfg: DictConfig) -> Input:
+    from mlflow.tracking import MlflowClient
+
+    from atm.stages import STAGES
+
+    try:
+        run = MlflowClient().get_run(run_id)
+    except Exception as err:
+        raise AtmError(f"{role}=runs:/{run_id}: no such MLflow run at {tracking.tracking_uri(cfg)}") from err
+    stage = run.data.tags.get(tracking.TAG_STAGE)
+    artifact = STAGES[stage].artifact if stage in STAGES else tracking.CHECKPOINT
+    return Input(role, tracking.download(run_id, artifact, cfg.tracking.cache_dir), run_id, stage,
+                 run.data.tags.get(tracking.TAG_HASH))

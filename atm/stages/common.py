@@ -1,0 +1,66 @@
+"""Parts shared by the stages that train masked-language models (pretraining and distillation)."""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+from typing import Callable
+
+import mlflow
+import torch
+from omegaconf import DictConfig
+
+from atm import tracking
+from atm.data import corpora
+from atm.data.collate import batch_stream, mlm_collator, tokenize_lines
+from atm.engine.loop import LossFn, fit
+from atm.errors import AtmError
+from atm.models.encoder import save_checkpoint
+
+
+def corpus_lines(name: str, data_cfg: DictConfig, seed: int) -> list[str]:
+    """Text of pretraining corpus ``name`` (``written``: Stage 1, ``spoken``: Stage 2), capped per source."""
+    if name == "written":
+        lines = corpora.written_corpus(data_cfg.written.max_lines_per_source, seed=seed)
+    elif name == "spoken":
+        lines = corpora.spoken_corpus(data_cfg.spoken.max_lines_per_source, seed=seed)
+    else:
+        raise AtmError(f"stage.corpus={name!r} must be 'written' or 'spoken'")
+    return [line.text for line in lines]
+
+
+def train_mlm(cfg: DictConfig, module: torch.nn.Module, model, tokenizer, loss_fn: LossFn) -> dict[str, float]:
+    """Train ``module`` (which contains ``model``) with ``loss_fn`` on MLM batches of ``stage.corpus``.
+
+    Saves ``model`` + ``tokenizer`` every ``trainer.save_every`` steps (``checkpoints/step-<N>``) and at the
+    end (``checkpoint``), then scores held-out written and spoken perplexity. Returns the final metrics.
+    """
+    from atm.stages.evaluate import heldout_perplexities
+
+    examples = tokenize_lines(tokenizer, corpus_lines(cfg.stage.corpus, cfg.data, cfg.seed), cfg.data.max_seq_len)
+    mlflow.log_metric("data/train_sequences", len(examples))
+    stream = batch_stream(examples, cfg.trainer.batch_size, mlm_collator(tokenizer, cfg.stage.mlm_probability),
+                          cfg.seed)
+    summary = fit(module, stream, loss_fn, cfg.trainer, on_save=checkpoint_logger(model, tokenizer),
+                  desc=cfg.stage.name)
+    log_model(model, tokenizer, tracking.CHECKPOINT)
+    metrics = heldout_perplexities(model, tokenizer, cfg.data, cfg.eval.perplexity.max_lines_per_lang)
+    mlflow.log_metrics(metrics, step=cfg.trainer.max_steps)
+    return {**summary, **metrics}
+
+
+def log_model(model, tokenizer, artifact_path: str) -> None:
+    """Save ``model`` + ``tokenizer`` with ``save_pretrained`` and log them under ``artifact_path``."""
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "model"
+        save_checkpoint(model, tokenizer, out)
+        tracking.log_checkpoint(out, artifact_path)
+
+
+def checkpoint_logger(model, tokenizer) -> Callable[[int], None]:
+    """A ``fit`` ``on_save`` callback logging an intermediate checkpoint ``checkpoints/step-<N>``."""
+
+    def on_save(step: int) -> None:
+        log_model(model, tokenizer, f"{tracking.CHECKPOINTS}/step-{step:06d}")
+
+    return on_save

@@ -1,0 +1,27 @@
+"""Stages ``pretrain_stage1`` (MLM on written text, from scratch) and ``pretrain_stage2`` (continue a Stage-1
+checkpoint on spoken-form, in-domain text) — AlexaTM sec. 3.1-3.2."""
+
+from __future__ import annotations
+
+from omegaconf import DictConfig
+
+from atm.engine.loop import device_for
+from atm.models.encoder import build_mlm, load_mlm
+from atm.models.tokenizer import load_tokenizer
+from atm.stages.common import train_mlm
+
+
+def run(cfg: DictConfig, inputs: dict) -> dict[str, float]:
+    """Stage 1 builds ``model`` over the ``tokenizer_run`` input; Stage 2 loads the ``init`` checkpoint."""
+    if "init" in inputs:
+        tokenizer = load_tokenizer(inputs["init"].path)
+        model = load_mlm(inputs["init"].path)
+    else:
+        tokenizer = load_tokenizer(inputs["tokenizer_run"].path)
+        model = build_mlm(cfg.model, tokenizer, max_seq_len=cfg.data.max_seq_len)
+    model.to(device_for(cfg.trainer))
+
+    def loss_fn(batch):
+        return model(**batch).loss, {}
+
+    return train_mlm(cfg, model, model, tokenizer, loss_fn)

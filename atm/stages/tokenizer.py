@@ -1,0 +1,37 @@
+"""Stage ``train_tokenizer``: a SentencePiece unigram vocabulary over Stage-1 + Stage-2 text."""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+import mlflow
+from omegaconf import DictConfig
+
+from atm import tracking
+from atm.data import corpora
+from atm.models.tokenizer import tokenizer_stats, train_tokenizer
+
+
+def run(cfg: DictConfig, inputs: dict) -> dict[str, float]:
+    """Train the tokenizer; log it (artifact ``tokenizer``) and, per language of the held-out text, the split
+    ratio (sub-tokens per word) and the unknown-token portion."""
+    cap = cfg.tokenizer.max_lines_per_source
+    lines = corpora.written_corpus(cap, seed=cfg.seed) + corpora.spoken_corpus(cap, seed=cfg.seed)
+    mlflow.log_metric("data/tokenizer_lines", len(lines))
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "tokenizer"
+        tokenizer = train_tokenizer((line.text for line in lines), out, cfg.tokenizer.vocab_size, seed=cfg.seed,
+                                    character_coverage=cfg.tokenizer.character_coverage)
+        tracking.log_checkpoint(out, "tokenizer")
+    per_lang = cfg.data.heldout.max_lines_per_lang
+    heldout = corpora.heldout_written(per_lang) + corpora.heldout_spoken(per_lang)
+    stats = tokenizer_stats(tokenizer, ((line.lang, line.text) for line in heldout))
+    metrics = {f"tokenizer/{lang}/{k}": v for lang, s in stats.items() for k, v in s.items() if k != "n_words"}
+    mlflow.log_metrics(metrics)
+    mlflow.log_dict(stats, "tokenizer_stats.json")
+    summary = {"tokenizer/vocab_size": float(len(tokenizer)),
+               "tokenizer/avg_split_ratio": sum(s["split_ratio"] for s in stats.values()) / len(stats),
+               "tokenizer/avg_unk_portion": sum(s["unk_portion"] for s in stats.values()) / len(stats)}
+    mlflow.log_metrics(summary)
+    return summary

@@ -1,0 +1,113 @@
+"""``atm_optuna``: a small Hydra sweeper on current Optuna (ask/tell, RDB storage on SQLAlchemy 2).
+
+It replaces ``hydra-optuna-sweeper`` (pinned to optuna<3) and keeps Hydra's sweep syntax.
+
+Config (``hydra/sweeper: atm_optuna``)::
+
+    defaults:
+      - _self_
+      - override hydra/sweeper: atm_optuna
+    hydra:
+      sweeper:
+        study_name: distill_sweep        # default: hydra.job.name
+        storage: sqlite:///optuna.db     # default; relative SQLite paths -> launch directory
+        direction: minimize              # or maximize, or a list for multi-objective
+        n_trials: 40                     # target number of finished trials in the study
+        n_jobs: 1                        # trials per launcher batch
+        load_if_exists: true             # resume the study if it exists
+        sampler: {name: tpe, seed: 0, n_startup_trials: 10}   # tpe | random | grid (+ kwargs)
+        params:
+          distill.logit_loss: choice(soft_ce, kl, mse)
+          distill.temperature: interval(1.0, 8.0)
+          distill.weights.hidden: tag(log, interval(0.01, 1.0))
+          trainer.lr: choice(1e-4, 3e-4)
+          x: range(1, 5)
+
+Search-space syntax (in ``params`` or on the command line, ``python app.py -m x=choice(1,2)``):
+
+* ``choice(a, b, ...)`` and plain lists ``a,b`` -> categorical.
+* ``range(start, stop[, step])`` -> int with Python semantics (``range(1, 5)`` = 1..4); a
+  non-integer range becomes a categorical over its values. ``tag(log, range(1, 100))`` -> log int.
+* ``interval(low, high)`` -> float; int if both ends are written as integers (``interval(1, 8)``);
+  ``tag(log, interval(...))`` -> log scale; ``tag(int, interval(...))`` -> int.
+* Any other override (``trainer.epochs=3``, ``~foo``) is passed unchanged to every job; a
+  command-line entry for a key replaces the ``params`` entry of that key.
+* An empty search space is allowed (define-by-run: jobs call ``trial.suggest_*`` themselves).
+* New sampler kwargs on the command line need a ``+``:
+  ``+hydra.sweeper.sampler.n_startup_trials=5``.
+* Storage: with SQLAlchemy 2.1 a bare ``postgresql://`` URL means psycopg 3; write
+  ``postgresql+psycopg2://user@host:5432/db`` to use psycopg2.
+
+Sweep loop: the study is created or loaded; the sweeper runs ``n_trials - finished`` trials
+(finished = COMPLETE or PRUNED trials already in the study), ``n_jobs`` per launcher batch, asking
+Optuna for each trial and telling it the job's return value (a float, or a sequence of floats for
+a multi-objective study). A job that raises is recorded FAIL (``optuna.TrialPruned`` -> PRUNED)
+and the sweep goes on; a job returning None, NaN or a non-number is recorded FAIL with a warning.
+If *every* trial of the run fails, the sweep ends with an error (non-zero exit). With a ``seed``,
+the sampler is seeded with ``seed + number of trials already in the study`` so that a resumed
+random/TPE sweep does not replay the same samples. At the end ``optimization_results.yaml``
+(best trial number, value, params) is written to the sweep dir and the best trial is logged.
+
+Job contract: every job receives, besides its parameter overrides, ::
+
+    ++optuna.study_name='<study name>'
+    ++optuna.storage='<absolute storage URL>'     (null for an in-memory study)
+    ++optuna.trial_number=<n>
+
+so ``cfg.optuna.trial_number`` is the job's Optuna trial. A job reports intermediate values
+through the live trial::
+
+    from hydra_plugins.atm_optuna_sweeper import trial_from_config
+    trial = trial_from_config(cfg)          # None when not running under this sweeper
+    if trial is not None:
+        trial.report(dev_loss, step=epoch)
+        if trial.should_prune():            # Optuna's default MedianPruner
+            raise optuna.TrialPruned()
+
+which is ``optuna.load_study(study_name=..., storage=...)`` plus ``optuna.Trial(study, trial_id)``
+with the id looked up from the trial number. The job must still *return* its objective. Job dirs
+are numbered from the trial number (``hydra.job.num``). Exclude ``optuna.*`` from
+``hydra.job.config.override_dirname`` if you use it in paths. Note that a password in the storage
+URL reaches each job's ``.hydra/overrides.yaml``; prefer ``~/.pgpass`` or trust auth.
+
+Errors (raised before any job starts, as :class:`atm.errors.AtmError` with a one-line message
+naming the key; Hydra prints it and exits 1): unknown sampler name or bad sampler kwargs, bad
+``direction``/``n_trials``/``n_jobs``, unparseable sweep string, empty ``choice()``/``range()``,
+``interval(low, high)`` with low > high, log scale with low <= 0, grid sampler over a continuous
+param, params that do not compose with the app config, unreachable storage, an existing study
+with another direction, or an existing study with ``load_if_exists: false``.
+"""
+
+from functools import lru_cache
+from typing import TYPE_CHECKING, Any, Optional
+
+if TYPE_CHECKING:  # pragma: no cover
+    import optuna
+
+__all__ = ["trial_from_config"]
+
+
+@lru_cache(maxsize=8)
+def _storage(url: str) -> Any:
+    import optuna
+
+    return optuna.storages.RDBStorage(url)
+
+
+def trial_from_config(cfg: Any) -> Optional["optuna.Trial"]:
+    """The live Optuna trial of a job launched by the ``atm_optuna`` sweeper, else None.
+
+    Reads ``cfg.optuna.{study_name, storage, trial_number}``; returns None when any is missing
+    (not in a sweep, or an in-memory study). Raises Optuna's errors if the study/trial is gone.
+    """
+    node = cfg.get("optuna") if hasattr(cfg, "get") else None
+    if not node:
+        return None
+    name, url, number = (node.get(k) for k in ("study_name", "storage", "trial_number"))
+    if name is None or url is None or number is None:
+        return None
+    import optuna
+
+    study = optuna.load_study(study_name=str(name), storage=_storage(str(url)))
+    trial_id = study._storage.get_trial_id_from_study_id_trial_number(study._study_id, int(number))
+    return optuna.Trial(study, trial_id)

@@ -1,0 +1,46 @@
+"""Shared test setup: real data from the mirror, tiny configs, CLI subprocess helpers."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+MIRROR = Path(os.environ.get("ATM_DATA_MIRROR") or REPO.parent / "shared" / "data")
+
+# A tiny pipeline: every stage runs in seconds on 2 CPU cores. `trainer` and `eval` are inherited by the
+# inputs lineage trains, so teachers are tiny too.
+TINY = [
+    "lineage.inherit=[lineage,data,tokenizer,tracking,trainer,eval]",
+    "tokenizer.vocab_size=2000", "tokenizer.character_coverage=0.98", "tokenizer.max_lines_per_source=60",
+    "data.written.max_lines_per_source=40", "data.spoken.max_lines_per_source=40",
+    "data.heldout.max_lines_per_lang=4", "data.max_seq_len=32",
+    "trainer.max_steps=6", "trainer.batch_size=8", "trainer.save_every=2", "trainer.log_every=2",
+    "trainer.warmup_steps=1",
+    "eval.perplexity.max_lines_per_lang=4", "eval.mask_fill.languages=[en,de]",
+    "eval.mask_fill.max_sentences_per_lang=4", "eval.xnli.train_pairs=24", "eval.xnli.batch_size=8",
+    "eval.xnli.max_test_pairs_per_lang=8", "eval.xnli.max_seq_len=48",
+    "finetune.max_train_per_locale=48", "finetune.max_eval_per_locale=24",
+]
+
+
+@pytest.fixture(scope="session")
+def data_env(tmp_path_factory) -> dict[str, str]:
+    """Environment for subprocesses: the real data mirror and a session-wide data cache."""
+    if not MIRROR.is_dir():
+        pytest.skip(f"real data mirror {MIRROR} not found (set ATM_DATA_MIRROR)")
+    env = dict(os.environ)
+    env.update(ATM_DATA_MIRROR=str(MIRROR), ATM_DATA_DIR=str(tmp_path_factory.mktemp("atm-data")),
+               PYTHONPATH=str(REPO), HYDRA_FULL_ERROR="0", TQDM_DISABLE="1")
+    env.pop("MLFLOW_TRACKING_URI", None)
+    return env
+
+
+def atm_train(args: list[str], cwd: Path, env: dict[str, str], timeout: int = 900) -> subprocess.CompletedProcess:
+    """Run ``python -m atm.train <args>`` as a real subprocess in ``cwd``."""
+    return subprocess.run([sys.executable, "-m", "atm.train", *args], cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=timeout)

@@ -1,0 +1,122 @@
+"""Golden values for every registered loss, layer-mapping tables and objective validation."""
+
+import math
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+from transformers import RobertaPreLayerNormConfig
+
+from atm.distill.losses import LOSSES, get_loss
+from atm.distill.mapping import get_mapping
+from atm.distill.objective import DistillationObjective
+from atm.errors import AtmError
+
+Z_S = torch.tensor([[0.0, math.log(3.0)]])  # student softmax (1/4, 3/4)
+Z_T = torch.tensor([[0.0, 0.0]])  # teacher softmax (1/2, 1/2)
+
+
+def test_soft_ce_golden():
+    # -(1/2 ln 1/4 + 1/2 ln 3/4)
+    assert LOSSES["soft_ce"].fn(Z_S, Z_T).item() == pytest.approx(0.5 * (math.log(4) + math.log(4 / 3)), abs=1e-6)
+    # T = 2: student softmax (1, sqrt 3) / (1 + sqrt 3)
+    q = 1 / (1 + math.sqrt(3))
+    assert LOSSES["soft_ce"].fn(Z_S, Z_T, temperature=2.0).item() == pytest.approx(
+        -0.5 * (math.log(q) + math.log(1 - q)), abs=1e-6)
+
+
+def test_kl_golden_and_relation_to_soft_ce():
+    expected = 0.5 * math.log(0.5 / 0.25) + 0.5 * math.log(0.5 / 0.75)
+    assert LOSSES["kl"].fn(Z_S, Z_T).item() == pytest.approx(expected, abs=1e-6)
+    # KL = soft CE - entropy(teacher) on random tensors
+    g = torch.Generator().manual_seed(0)
+    zs, zt = torch.randn(5, 7, generator=g), torch.randn(5, 7, generator=g)
+    p = torch.softmax(zt / 3, -1)
+    entropy = -(p * p.log()).sum(-1).mean()
+    assert LOSSES["kl"].fn(zs, zt, 3.0).item() == pytest.approx(
+        (LOSSES["soft_ce"].fn(zs, zt, 3.0) - entropy).item(), abs=1e-5)
+    # and torch's reference implementation
+    ref = torch.nn.functional.kl_div(torch.log_softmax(zs / 3, -1), p, reduction="batchmean")
+    assert LOSSES["kl"].fn(zs, zt, 3.0).item() == pytest.approx(ref.item(), abs=1e-6)
+
+
+def test_logit_mse_golden():
+    assert LOSSES["logit_mse"].fn(Z_S, Z_T).item() == pytest.approx(math.log(3) ** 2 / 2, abs=1e-6)
+
+
+def test_hidden_mse_ignores_padding():
+    h_s = torch.tensor([[[1.0, 2.0], [3.0, 4.0]]])
+    h_t = torch.zeros(1, 2, 2)
+    mask = torch.tensor([[1, 0]])
+    assert LOSSES["hidden_mse"].fn(h_s, h_t, mask).item() == pytest.approx(2.5)
+
+
+def test_mlm_ce_golden():
+    logits = torch.tensor([[[0.0, math.log(3.0)], [5.0, 1.0]]])
+    labels = torch.tensor([[1, -100]])
+    assert LOSSES["mlm_ce"].fn(logits, labels).item() == pytest.approx(-math.log(0.75), abs=1e-6)
+
+
+@pytest.mark.parametrize("n_t,n_s,expected", [
+    (12, 4, [(0, 0), (1, 3), (2, 6), (3, 9), (4, 12)]),
+    (12, 6, [(0, 0), (1, 2), (2, 4), (3, 6), (4, 8), (5, 10), (6, 12)]),
+    (24, 4, [(0, 0), (1, 6), (2, 12), (3, 18), (4, 24)]),
+])
+def test_uniform_mapping_tables(n_t, n_s, expected):
+    assert get_mapping("uniform", n_t, n_s) == expected
+    assert get_mapping("last", n_t, n_s) == [(n_s, n_t)]
+
+
+def test_mapping_errors():
+    with pytest.raises(AtmError, match="more layers"):
+        get_mapping("uniform", 4, 12)
+    with pytest.raises(AtmError, match="layer_mapping='emd_x'"):
+        get_mapping("emd_x", 12, 4)
+
+
+def test_unknown_loss_names_the_key():
+    with pytest.raises(AtmError, match=r"distill.logit.loss='nope'.*soft_ce"):
+        get_loss("nope", "logit", "distill.logit.loss")
+    with pytest.raises(AtmError, match="hidden loss"):  # right name, wrong kind
+        get_loss("soft_ce", "hidden")
+
+
+def _config(**kw):
+    base = dict(vocab_size=50, hidden_size=16, num_hidden_layers=4, num_attention_heads=2, intermediate_size=32)
+    return RobertaPreLayerNormConfig(**{**base, **kw})
+
+
+def _distill_cfg(**kw):
+    cfg = OmegaConf.create({"hard_weight": 1.0,
+                            "logit": {"loss": "soft_ce", "weight": 1.0, "temperature": 2.0, "positions": "masked"},
+                            "hidden": {"loss": "hidden_mse", "weight": 1.0, "layer_mapping": "uniform"}})
+    return OmegaConf.merge(cfg, kw)
+
+
+def test_objective_projections_and_total():
+    teacher, student = _config(), _config(hidden_size=8, num_hidden_layers=2)
+    obj = DistillationObjective(_distill_cfg(), teacher, student)
+    assert obj.pairs == [(0, 0), (1, 2), (2, 4)]
+    assert [tuple(p.weight.shape) for p in obj.projections] == [(16, 8)] * 3
+    g = torch.Generator().manual_seed(0)
+    mask = torch.ones(2, 3, dtype=torch.long)
+    out_s = {"logits": torch.randn(2, 3, 50, generator=g), "attention_mask": mask,
+             "hidden_states": tuple(torch.randn(2, 3, 8, generator=g) for _ in range(3))}
+    out_t = {"logits": torch.randn(2, 3, 50, generator=g), "attention_mask": mask,
+             "hidden_states": tuple(torch.randn(2, 3, 16, generator=g) for _ in range(5))}
+    labels = torch.tensor([[5, -100, -100], [-100, 7, -100]])
+    total, parts = obj(out_s, out_t, labels)
+    keep = labels != -100
+    assert parts["soft_ce"] == pytest.approx(LOSSES["soft_ce"].fn(out_s["logits"][keep], out_t["logits"][keep], 2.0).item(), rel=1e-5)
+    assert total.item() == pytest.approx(parts["mlm"] + parts["soft_ce"] + parts["hidden_mse"], rel=1e-5)
+    # same width: no projection
+    assert len(DistillationObjective(_distill_cfg(), teacher, _config(num_hidden_layers=2)).projections) == 0
+
+
+def test_objective_rejects_impossible_combinations():
+    with pytest.raises(AtmError, match="vocabularies differ"):
+        DistillationObjective(_distill_cfg(), _config(), _config(vocab_size=60))
+    with pytest.raises(AtmError, match="more layers"):
+        DistillationObjective(_distill_cfg(), _config(num_hidden_layers=2), _config(num_hidden_layers=4))
+    with pytest.raises(AtmError, match="distill.hidden.loss"):
+        DistillationObjective(_distill_cfg(hidden={"loss": "cosine_x"}), _config(), _config())
