@@ -144,8 +144,9 @@ def masked_lm_nll(
     """Summed token NLL (nats) and the number of scored tokens, for :func:`perplexity`.
 
     Args:
-        logits: ``[B, T, V]`` unnormalised scores (any float dtype; computed in float32).
-        labels: ``[B, T]`` integer target ids; positions equal to ``ignore_index`` (unmasked
+        logits: ``[B, T, V]`` (or ``[N, V]`` at selected positions) unnormalised scores (any float
+            dtype; computed in float32).
+        labels: ``[B, T]`` (or ``[N]``) integer target ids; positions equal to ``ignore_index`` (unmasked
             tokens, padding) are not scored.
         ignore_index: label value to skip (default ``-100``).
 
@@ -158,11 +159,10 @@ def masked_lm_nll(
     import torch
     import torch.nn.functional as F
 
-    if logits.dim() != 3:
-        raise AtmError(f"logits must have shape [B, T, V], got {list(logits.shape)}")
-    if labels.dim() != 2 or tuple(labels.shape) != tuple(logits.shape[:2]):
+    if logits.dim() < 2 or tuple(labels.shape) != tuple(logits.shape[:-1]):
         raise AtmError(
-            f"labels must have shape [B, T] = {list(logits.shape[:2])}, got {list(labels.shape)}"
+            f"labels must have shape {list(logits.shape[:-1])} (logits {list(logits.shape)} without V), "
+            f"got {list(labels.shape)}"
         )
     labels = labels.long()
     scored = labels != ignore_index

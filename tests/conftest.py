@@ -28,6 +28,17 @@ TINY = [
 ]
 
 
+@pytest.fixture(scope="module")
+def real_data_env(tmp_path_factory):
+    """In-process: point atm.data at the real data mirror and a session-wide cache; yields the mirror."""
+    if not MIRROR.is_dir():
+        pytest.skip(f"real data mirror {MIRROR} not found (set ATM_DATA_MIRROR)")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("ATM_DATA_MIRROR", str(MIRROR))
+        mp.setenv("ATM_DATA_DIR", str(tmp_path_factory.getbasetemp() / "atm-data-tests"))
+        yield MIRROR
+
+
 @pytest.fixture(scope="session")
 def data_env(tmp_path_factory) -> dict[str, str]:
     """Environment for subprocesses: the real data mirror and a session-wide data cache."""

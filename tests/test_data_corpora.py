@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import collections
 import logging
-import os
 import re
-from pathlib import Path
 
 import pytest
 
@@ -26,21 +24,13 @@ from atm.data.ud import pud_sentences, read_conllu
 from atm.data.xnli import xnli_dev, xnli_test
 from atm.errors import AtmError
 
-SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 CAP = 300
 
 
 @pytest.fixture(scope="module", autouse=True)
-def real_data(tmp_path_factory):
-    """Point atm.data at the real data mirror and a session-wide cache directory."""
-    mirror = Path(os.environ.get("ATM_DATA_MIRROR") or SHARED_DATA)
-    if not mirror.is_dir():
-        pytest.skip(f"real data mirror {mirror} not found (set ATM_DATA_MIRROR)")
-    cache = tmp_path_factory.getbasetemp() / "atm-data-tests"
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("ATM_DATA_MIRROR", str(mirror))
-        mp.setenv("ATM_DATA_DIR", str(cache))
-        yield mirror
+def real_data(real_data_env):
+    """Every test here reads the real data mirror (see conftest.py)."""
+    return real_data_env
 
 
 @pytest.fixture(scope="module")

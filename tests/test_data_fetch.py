@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import gzip
 import hashlib
-import os
 from pathlib import Path
 
 import pytest
@@ -13,21 +12,13 @@ from atm.data.fetch import RESOURCES, Resource, data_dir, fetch, list_available,
 from atm.data.text import open_text, read_lines
 from atm.errors import AtmError
 
-SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 MASSIVE = "massive/amazon-massive-dataset-1.1.tar.gz"
 
 
 @pytest.fixture(scope="module", autouse=True)
-def real_data(tmp_path_factory):
-    """Point atm.data at the real data mirror and a session-wide cache directory."""
-    mirror = Path(os.environ.get("ATM_DATA_MIRROR") or SHARED_DATA)
-    if not mirror.is_dir():
-        pytest.skip(f"real data mirror {mirror} not found (set ATM_DATA_MIRROR)")
-    cache = tmp_path_factory.getbasetemp() / "atm-data-tests"
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("ATM_DATA_MIRROR", str(mirror))
-        mp.setenv("ATM_DATA_DIR", str(cache))
-        yield mirror
+def real_data(real_data_env):
+    """Every test here reads the real data mirror (see conftest.py)."""
+    return real_data_env
 
 
 @pytest.fixture

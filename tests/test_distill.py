@@ -105,9 +105,13 @@ def test_objective_projections_and_total():
     out_t = {"logits": torch.randn(2, 3, 50, generator=g), "attention_mask": mask,
              "hidden_states": tuple(torch.randn(2, 3, 16, generator=g) for _ in range(5))}
     labels = torch.tensor([[5, -100, -100], [-100, 7, -100]])
-    total, parts = obj(out_s, out_t, labels)
-    keep = labels != -100
-    assert parts["soft_ce"] == pytest.approx(LOSSES["soft_ce"].fn(out_s["logits"][keep], out_t["logits"][keep], 2.0).item(), rel=1e-5)
+    keep = obj.positions(labels, mask)
+    assert keep.tolist() == [[True, False, False], [False, True, False]]
+    sel_s = {**out_s, "logits": out_s["logits"][keep]}
+    sel_t = {**out_t, "logits": out_t["logits"][keep]}
+    total, parts = obj(sel_s, sel_t, labels[keep])
+    assert parts["soft_ce"] == pytest.approx(LOSSES["soft_ce"].fn(sel_s["logits"], sel_t["logits"], 2.0).item(), rel=1e-5)
+    assert parts["mlm"] == pytest.approx(LOSSES["mlm_ce"].fn(out_s["logits"], labels).item(), rel=1e-5)
     assert total.item() == pytest.approx(parts["mlm"] + parts["soft_ce"] + parts["hidden_mse"], rel=1e-5)
     # same width: no projection
     assert len(DistillationObjective(_distill_cfg(), teacher, _config(num_hidden_layers=2)).projections) == 0

@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import gzip
-import os
 import re
 from itertools import islice
-from pathlib import Path
 
 import pytest
 import torch
@@ -34,7 +32,7 @@ from atm.models import (
     word_predictions,
 )
 
-DATA = Path(os.environ.get("ATM_DATA_MIRROR", Path(__file__).resolve().parents[2] / "shared" / "data"))
+from conftest import MIRROR as DATA  # noqa: E402
 SLURP_LM = DATA / "slurp" / "dataset" / "lm" / "lm.txt.gz"
 TINY = ["teacher_tiny", "intermediate_tiny", "student_tiny"]
 PAPER = ["student_17m", "student_170m", "teacher_700m", "teacher_2b", "teacher_9b"]

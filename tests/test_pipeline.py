@@ -3,7 +3,6 @@ sweep with nested MLflow runs and an Optuna study, checkpoint evaluation and the
 
 from __future__ import annotations
 
-import sqlite3
 import subprocess
 import sys
 from pathlib import Path

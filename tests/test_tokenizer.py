@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import gzip
 import json
-import os
 import unicodedata
 from itertools import islice
 from pathlib import Path
@@ -20,7 +19,7 @@ from atm.models.tokenizer import (
     train_tokenizer,
 )
 
-DATA = Path(os.environ.get("ATM_DATA_MIRROR", Path(__file__).resolve().parents[2] / "shared" / "data"))
+from conftest import MIRROR as DATA  # noqa: E402
 SLURP_LM = DATA / "slurp" / "dataset" / "lm" / "lm.txt.gz"
 XNLI_DE = DATA / "xnli" / "hf_jsonl" / "de" / "train.jsonl.gz"
 VOCAB = 1000

@@ -14,9 +14,9 @@ for those locales whitespace tokens of ``annot_utt`` would hand the gold slot bo
 from __future__ import annotations
 
 import functools
-import io
 import re
 import tarfile
+import zlib
 from collections.abc import Collection, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,7 +24,7 @@ from typing import Any
 
 from atm.data.cache import derived
 from atm.data.fetch import fetch
-from atm.data.text import get_field, iter_jsonl
+from atm.data.text import decode_lines, get_field, iter_jsonl
 from atm.errors import AtmError
 
 MASSIVE_ARCHIVE = "massive/amazon-massive-dataset-1.1.tar.gz"
@@ -179,19 +179,24 @@ def iter_massive_records(
     wanted_locales = _check_choice("locale", locales, massive_locales())
     wanted_partitions = _check_choice("partition", partitions, PARTITIONS)
     path = _archive()
-    with tarfile.open(path, "r:gz") as archive:
-        for member in archive:
-            match = _MEMBER.fullmatch(member.name)
-            if not (match and member.isfile()) or (wanted_locales is not None and match[1] not in wanted_locales):
-                continue
-            with io.TextIOWrapper(archive.extractfile(member), encoding="utf-8", newline="\n") as fh:
-                lines = ((lineno, line.rstrip("\r\n")) for lineno, line in enumerate(fh, 1))
-                for loc, record in iter_jsonl(lines, f"{path}:{member.name}"):
-                    if get_field(record, "locale", loc) != match[1]:
-                        raise AtmError(f"{loc}: record locale {record['locale']!r} does not match its file")
-                    partition = get_field(record, "partition", loc)
-                    if wanted_partitions is None or partition in wanted_partitions:
-                        yield loc, record
+    try:
+        with tarfile.open(path, "r:gz") as archive:
+            for member in archive:
+                match = _MEMBER.fullmatch(member.name)
+                if not (match and member.isfile()):
+                    continue
+                if wanted_locales is not None and match[1] not in wanted_locales:
+                    continue
+                with archive.extractfile(member) as fh:
+                    name = f"{path}:{member.name}"
+                    for loc, record in iter_jsonl(decode_lines(fh, name), name):
+                        if get_field(record, "locale", loc) != match[1]:
+                            raise AtmError(f"{loc}: record locale {record['locale']!r} does not match its file")
+                        partition = get_field(record, "partition", loc)
+                        if wanted_partitions is None or partition in wanted_partitions:
+                            yield loc, record
+    except (tarfile.TarError, EOFError, zlib.error, OSError) as exc:
+        raise AtmError(f"{path}: not a readable MASSIVE tar.gz archive ({exc})") from None
 
 
 def read_massive(

@@ -1,8 +1,8 @@
 """Shared low-level text I/O for every reader in :mod:`atm.data`.
 
-All readers open files through :func:`open_text` (so a cached copy may be plain or gzipped), number
-lines with :func:`numbered_lines`, parse JSON lines with :func:`parse_json_line` and report bad input
-as ``AtmError("<file>:<line>: <what is wrong>")`` via :func:`where` -- one format everywhere.
+All readers read files through :func:`numbered_lines` / :func:`open_binary` (so a cached copy may be
+plain or gzipped, detected from the content), parse JSON lines with :func:`iter_jsonl` and report bad
+input as ``AtmError("<file>:<line>: <what is wrong>")`` via :func:`where` -- one format everywhere.
 """
 
 from __future__ import annotations
@@ -25,43 +25,64 @@ def is_gzip(path: str | Path) -> bool:
         return fh.read(2) == _GZIP_MAGIC
 
 
-def open_text(path: str | Path) -> IO[str]:
-    """Open a text file for reading as UTF-8, transparently decompressing gzip.
-
-    Gzip is detected from the content, not the name, so ``x.conllu`` and ``x.conllu.gz`` both work
-    whichever form the cache holds. Only ``\\n`` ends a line (a stray ``\\r`` inside a field is not a
-    line break); line endings are returned untranslated and callers strip them.
+def open_binary(path: str | Path) -> IO[bytes]:
+    """Open a file for reading bytes, transparently decompressing gzip (detected from the content).
 
     Raises:
         AtmError: the file does not exist.
     """
     path = Path(path)
     try:
-        raw: IO[bytes] = gzip.open(path, "rb") if is_gzip(path) else open(path, "rb")
+        return gzip.open(path, "rb") if is_gzip(path) else open(path, "rb")
     except FileNotFoundError:
         raise AtmError(f"{path}: no such file") from None
-    return io.TextIOWrapper(raw, encoding="utf-8", newline="\n")
+
+
+def open_text(path: str | Path) -> IO[str]:
+    """Open a text file for reading as UTF-8, transparently decompressing gzip.
+
+    Gzip is detected from the content, not the name, so ``x.conllu`` and ``x.conllu.gz`` both work
+    whichever form the cache holds. Only ``\\n`` ends a line (a stray ``\\r`` inside a field is not a
+    line break); line endings are returned untranslated.
+
+    Raises:
+        AtmError: the file does not exist.
+    """
+    return io.TextIOWrapper(open_binary(path), encoding="utf-8", newline="\n")
+
+
+def decode_lines(fh: IO[bytes], name: str) -> Iterator[tuple[int, str]]:
+    """Yield ``(line_number, line)`` for the UTF-8 lines of a binary stream (1-based, line ending removed).
+
+    Only ``\\n`` ends a line; a trailing ``\\r`` is removed with it. Blank lines are yielded too.
+
+    Raises:
+        AtmError: ``"<name>:<line>: not valid UTF-8 (...)"``.
+    """
+    for lineno, raw in enumerate(fh, 1):
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise AtmError(f"{where(name, lineno)}: not valid UTF-8 ({exc.reason} at byte {exc.start})") from None
+        yield lineno, line.rstrip("\r\n")
 
 
 def numbered_lines(path: str | Path) -> Iterator[tuple[int, str]]:
-    """Yield ``(line_number, line)`` for every line of ``path`` (1-based; line ending removed).
-
-    Blank lines are yielded too (CoNLL-U and the token-per-line formats need them).
+    """Yield ``(line_number, line)`` for every line of a plain or gzipped UTF-8 file (see :func:`decode_lines`).
 
     Raises:
-        AtmError: the file does not exist or is not valid UTF-8 (message names file and line).
+        AtmError: the file does not exist or a line is not valid UTF-8 (message names file and line).
     """
-    lineno = 0
-    with open_text(path) as fh:
-        try:
-            for lineno, line in enumerate(fh, 1):
-                yield lineno, line.rstrip("\r\n")
-        except UnicodeDecodeError as exc:
-            raise AtmError(f"{where(path, lineno + 1)}: not valid UTF-8 ({exc.reason})") from None
+    with open_binary(path) as fh:
+        yield from decode_lines(fh, str(path))
 
 
 def read_lines(path: str | Path) -> Iterator[str]:
-    """Yield the lines of a plain or gzipped UTF-8 text file, stripped, skipping blank lines."""
+    """Yield the lines of a plain or gzipped UTF-8 text file, stripped, skipping blank lines.
+
+    Raises:
+        AtmError: the file does not exist or a line is not valid UTF-8 (message names file and line).
+    """
     for _, line in numbered_lines(path):
         if line := line.strip():
             yield line

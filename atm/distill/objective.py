@@ -2,6 +2,8 @@
 
 ``L = w_hard * mlm_ce(z_s, y) + w_logit * logit_loss(z_s, z_t; T) + w_hidden * mean_{(i,j) in map} hidden_loss(W_i h_s^i, h_t^j)``
 
+Student and teacher outputs come from :func:`atm.models.encoder.mlm_forward` (TextBrewer's adaptor
+contract: ``logits``, ``hidden_states`` with the embeddings first, ``attentions``, ``attention_mask``).
 The projections ``W_i`` (student width -> teacher width, only when they differ) are created from the two
 model configs, trained in the student's optimiser and never saved into the student checkpoint.
 """
@@ -17,16 +19,6 @@ from torch import nn
 from atm.distill.losses import get_loss
 from atm.distill.mapping import get_mapping
 from atm.errors import AtmError
-
-
-def adapt(output: Any, attention_mask: torch.Tensor) -> dict[str, Any]:
-    """TextBrewer's adaptor contract: one dict from any transformers encoder output.
-
-    Returns ``logits[B,T,V]``, ``hidden_states`` (tuple of ``[B,T,D]``, embeddings first), ``attentions``
-    (tuple of ``[B,H,T,T]`` or None) and ``attention_mask[B,T]``.
-    """
-    return {"logits": output.logits, "hidden_states": output.hidden_states,
-            "attentions": getattr(output, "attentions", None), "attention_mask": attention_mask}
 
 
 class DistillationObjective(nn.Module):
@@ -63,15 +55,25 @@ class DistillationObjective(nn.Module):
     def needs_hidden_states(self) -> bool:
         return self.hidden is not None
 
+    def positions(self, labels: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Where the LM head is needed, bool ``[B, T]``: the masked tokens (``distill.logit.positions=masked``)
+        or every real token (``all``)."""
+        return labels != -100 if self.cfg.logit.positions == "masked" else attention_mask.bool()
+
     def forward(self, out_s: Mapping[str, Any], out_t: Mapping[str, Any],
                 labels: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
-        """Total loss and its parts. ``out_*`` follow :func:`adapt`; ``labels[B,T]`` hold -100 off the masks."""
+        """Total loss and its parts.
+
+        Args:
+            out_s, out_t: :func:`atm.models.encoder.mlm_forward` dicts of student and teacher, both with
+                ``logits[N, V]`` at the same :meth:`positions`.
+            labels: ``[N]`` MLM labels at those positions (-100 where nothing was masked).
+        """
         cfg = self.cfg
         parts: dict[str, torch.Tensor] = {"mlm": self.hard.fn(out_s["logits"], labels)}
         total = cfg.hard_weight * parts["mlm"]
         if self.logit:
-            keep = labels != -100 if cfg.logit.positions == "masked" else out_s["attention_mask"].bool()
-            parts[self.logit.name] = self.logit.fn(out_s["logits"][keep], out_t["logits"][keep],
+            parts[self.logit.name] = self.logit.fn(out_s["logits"], out_t["logits"],
                                                    temperature=cfg.logit.temperature)
             total = total + cfg.logit.weight * parts[self.logit.name]
         if self.hidden:

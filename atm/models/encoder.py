@@ -20,6 +20,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from atm.errors import AtmError
 from atm.models.tokenizer import (
     SPM_MODEL_FILE,
@@ -31,6 +33,7 @@ from atm.models.tokenizer import (
 
 __all__ = [
     "PRESET_KEYS",
+    "mlm_forward",
     "build_mlm",
     "check_max_seq_len",
     "count_parameters",
@@ -422,11 +425,23 @@ def load_mlm(path: str | os.PathLike, *, attn_implementation: str | None = None)
     """
     from transformers import RobertaPreLayerNormForMaskedLM
 
-    p = Path(path)
-    _check_kind(p, "roberta-prelayernorm", "RobertaPreLayerNormForMaskedLM", "pre-LN RoBERTa MLM")
     extra = {"attn_implementation": attn_implementation} if attn_implementation else {}
+    return load_pretrained(path, RobertaPreLayerNormForMaskedLM, "roberta-prelayernorm", "pre-LN RoBERTa MLM",
+                           **extra)
+
+
+def load_pretrained(path: str | os.PathLike, model_cls, model_type: str, what: str, **kwargs):
+    """``model_cls.from_pretrained(path)`` from local files, after checking ``config.json`` names
+    ``model_type``/``model_cls`` and before checking the directory's tokenizer (if any) against the model.
+
+    Raises:
+        AtmError: naming ``path``: missing files, another kind of checkpoint (``what`` was expected),
+            unreadable weights, or a tokenizer that does not match the model's vocabulary.
+    """
+    p = Path(path)
+    _check_kind(p, model_type, model_cls.__name__, what)
     try:
-        model = RobertaPreLayerNormForMaskedLM.from_pretrained(str(p), local_files_only=True, **extra)
+        model = model_cls.from_pretrained(str(p), local_files_only=True, **kwargs)
     except OSError as err:
         raise AtmError(f"{p}: cannot load model: {str(err).strip().splitlines()[0]}") from None
     if _has_tokenizer(p):
@@ -448,3 +463,29 @@ def load_checkpoint(path: str | os.PathLike, *, attn_implementation: str | None 
     if not _has_tokenizer(p):
         raise AtmError(f"{p}: checkpoint has no tokenizer files")
     return model, load_tokenizer(p)
+
+
+def mlm_forward(model, input_ids, attention_mask, positions=None, *, output_hidden_states: bool = False,
+                output_attentions: bool = False) -> dict[str, Any]:
+    """Run a masked-LM and return TextBrewer's adaptor dict, with the LM head applied only at ``positions``.
+
+    The vocabulary projection dominates the cost of a small encoder (V >> D), and MLM losses, soft
+    cross-entropy on masked tokens, perplexity and mask-filling only need it at the selected tokens.
+
+    Args:
+        model: a ``RobertaPreLayerNormForMaskedLM`` (any ``*ForMaskedLM`` with ``base_model``/``lm_head``).
+        input_ids, attention_mask: ``[B, T]``.
+        positions: bool ``[B, T]``; None selects every position.
+
+    Returns:
+        ``{"logits": [N, V] at the N selected positions (row-major order), "hidden_states": tuple of
+        [B, T, D] (embeddings first; None unless requested), "attentions": tuple of [B, H, T, T] or None,
+        "attention_mask": [B, T], "positions": [B, T]}``.
+    """
+    enc = model.base_model(input_ids=input_ids, attention_mask=attention_mask,
+                           output_hidden_states=output_hidden_states, output_attentions=output_attentions)
+    if positions is None:
+        positions = attention_mask.new_ones(attention_mask.shape, dtype=torch.bool)
+    logits = model.lm_head(enc.last_hidden_state[positions])
+    return {"logits": logits, "hidden_states": enc.hidden_states, "attentions": enc.attentions,
+            "attention_mask": attention_mask, "positions": positions}

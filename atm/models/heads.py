@@ -17,7 +17,6 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -358,22 +357,11 @@ def load_joint_model(path: str | os.PathLike) -> JointIntentSlotModel:
 
 
 def _load_task_model(path, model_cls, model_type: str, what: str):
-    from atm.models.encoder import _check_kind, _has_tokenizer
-    from atm.models.tokenizer import check_compatible, load_tokenizer
+    from atm.models.encoder import load_pretrained
 
-    p = Path(path)
-    _check_kind(p, model_type, model_cls.__name__, what)
-    try:
-        model = model_cls.from_pretrained(str(p), local_files_only=True)
-    except OSError as err:
-        raise AtmError(f"{p}: cannot load model: {str(err).strip().splitlines()[0]}") from None
+    model = load_pretrained(path, model_cls, model_type, what)
     if isinstance(model, JointIntentSlotModel):
         model.set_encoder_frozen(model.config.freeze_encoder)
-    if _has_tokenizer(p):
-        try:
-            check_compatible(load_tokenizer(p), model.config)
-        except AtmError as err:
-            raise AtmError(f"{p}: {err}") from None
     return model
 
 

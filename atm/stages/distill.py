@@ -7,9 +7,9 @@ import mlflow
 import torch
 from omegaconf import DictConfig
 
-from atm.distill.objective import DistillationObjective, adapt
+from atm.distill.objective import DistillationObjective
 from atm.engine.loop import device_for
-from atm.models.encoder import build_mlm, count_parameters, load_mlm
+from atm.models.encoder import build_mlm, count_parameters, load_mlm, mlm_forward
 from atm.models.tokenizer import load_tokenizer
 from atm.stages.common import train_mlm
 
@@ -27,10 +27,11 @@ def run(cfg: DictConfig, inputs: dict) -> dict[str, float]:
     hidden = objective.needs_hidden_states
 
     def loss_fn(batch):
-        inputs_ = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+        labels, mask = batch["labels"], batch["attention_mask"]
+        positions = objective.positions(labels, mask)
         with torch.no_grad():
-            out_t = adapt(teacher(**inputs_, output_hidden_states=hidden), batch["attention_mask"])
-        out_s = adapt(student(**inputs_, output_hidden_states=hidden), batch["attention_mask"])
-        return objective(out_s, out_t, batch["labels"])
+            out_t = mlm_forward(teacher, batch["input_ids"], mask, positions, output_hidden_states=hidden)
+        out_s = mlm_forward(student, batch["input_ids"], mask, positions, output_hidden_states=hidden)
+        return objective(out_s, out_t, labels[positions])
 
     return train_mlm(cfg, module, student, tokenizer, loss_fn)

@@ -27,7 +27,7 @@ from atm.data.ud import pud_sentences
 from atm.data.xnli import xnli_test, xnli_test_languages, xnli_train
 from atm.engine.loop import device_for, fit, to_device
 from atm.data.collate import batch_stream
-from atm.models.encoder import load_mlm
+from atm.models.encoder import load_mlm, mlm_forward
 from atm.models.heads import build_pair_classifier
 from atm.models.tokenizer import load_tokenizer
 
@@ -43,8 +43,9 @@ def mlm_perplexity(model, tokenizer, lines: list[str], max_seq_len: int, seed: i
     total, count = 0.0, 0
     for batch in batches(examples, EVAL_BATCH, mlm_collator(tokenizer, 0.15, seed=seed)):
         batch = to_device(batch, device)
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        nll, n = M.masked_lm_nll(logits, batch["labels"])
+        masked = batch["labels"] != -100
+        logits = mlm_forward(model, batch["input_ids"], batch["attention_mask"], masked)["logits"]
+        nll, n = M.masked_lm_nll(logits, batch["labels"][masked])
         total, count = total + nll, count + n
     return M.perplexity(total, count)
 
@@ -83,10 +84,13 @@ def noun_mask_fill(model, tokenizer, lang: str, max_sentences: int, max_seq_len:
     predicted, gold = [], []
     for start in range(0, len(items), EVAL_BATCH):
         chunk = items[start:start + EVAL_BATCH]
-        padded = tokenizer.pad({"input_ids": [ids for ids, _, _ in chunk]}, return_tensors="pt")
-        logits = model(**to_device(padded, device)).logits
-        for row, (_, positions, targets) in enumerate(chunk):
-            predicted.append(tuple(logits[row, positions].argmax(-1).tolist()))
+        padded = to_device(tokenizer.pad({"input_ids": [ids for ids, _, _ in chunk]}, return_tensors="pt"), device)
+        masked = padded["input_ids"] == tokenizer.mask_token_id
+        # argmax at the masked positions, row-major: the positions of each item in turn
+        best = iter(mlm_forward(model, padded["input_ids"], padded["attention_mask"], masked)["logits"]
+                    .argmax(-1).tolist())
+        for _, positions, targets in chunk:
+            predicted.append(tuple(next(best) for _ in positions))
             gold.append(tuple(targets))
     return M.mask_fill_accuracy(predicted, gold)
 

@@ -16,7 +16,7 @@ import torch
 from omegaconf import DictConfig
 
 from atm import metrics as M
-from atm.data.collate import batch_stream, batches
+from atm.data.collate import batch_stream
 from atm.data.massive import intent_labels, read_massive, slot_labels
 from atm.engine.loop import device_for, fit, to_device
 from atm.models.heads import JointIntentSlotModel, align_word_labels, word_predictions

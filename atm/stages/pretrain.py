@@ -6,7 +6,8 @@ from __future__ import annotations
 from omegaconf import DictConfig
 
 from atm.engine.loop import device_for
-from atm.models.encoder import build_mlm, load_mlm
+from atm.distill.losses import mlm_ce
+from atm.models.encoder import build_mlm, load_mlm, mlm_forward
 from atm.models.tokenizer import load_tokenizer
 from atm.stages.common import train_mlm
 
@@ -22,6 +23,8 @@ def run(cfg: DictConfig, inputs: dict) -> dict[str, float]:
     model.to(device_for(cfg.trainer))
 
     def loss_fn(batch):
-        return model(**batch).loss, {}
+        masked = batch["labels"] != -100
+        out = mlm_forward(model, batch["input_ids"], batch["attention_mask"], masked)
+        return mlm_ce(out["logits"], batch["labels"][masked]), {}
 
     return train_mlm(cfg, model, model, tokenizer, loss_fn)
