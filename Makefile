@@ -3,7 +3,9 @@ PY ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 # Real data in the official layout (see README "Data"); ../shared/data on the project's machines.
+ifneq ($(wildcard ../shared/data),)
 export ATM_DATA_MIRROR ?= $(abspath ../shared/data)
+endif
 
 .PHONY: setup demo test clean
 
