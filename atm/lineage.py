@@ -99,8 +99,10 @@ Trainer = Callable[[DictConfig, "dict[str, Input]", str], str]
 
 
 def resolve_inputs(cfg: DictConfig, experiment_id: str, train: Trainer) -> dict[str, Input]:
-    """Resolve every role in ``cfg.stage.inputs`` (see :func:`resolve`)."""
-    return {role: resolve(role, cfg, experiment_id, train) for role in cfg.stage.inputs}
+    """Resolve every role in ``cfg.stage.inputs``, and those of ``cfg.stage.optional_inputs`` that are set
+    (see :func:`resolve`)."""
+    roles = list(cfg.stage.inputs) + [r for r in cfg.stage.get("optional_inputs", []) if cfg.get(r) is not None]
+    return {role: resolve(role, cfg, experiment_id, train) for role in roles}
 
 
 def run_hash(cfg: DictConfig, inputs: dict[str, Input]) -> str:

@@ -40,7 +40,8 @@ CHECKPOINT = "checkpoint"
 CHECKPOINTS = "checkpoints"
 
 # Keys that say where and how a run is recorded, not what it trains: left out of the hash.
-_UNHASHED = ("data.mirror", "data.dir", "trainer.device", "trainer.log_every", "stage.objective")
+_UNHASHED = ("data.mirror", "data.dir", "trainer.device", "trainer.log_every", "stage.objective",
+             "distill.cache.dir")
 
 
 def tracking_uri(cfg: DictConfig | None = None) -> str:
@@ -104,9 +105,10 @@ def run_name(cfg: DictConfig) -> str:
     stage = cfg.stage.name
     if stage.startswith("distill"):
         d = cfg.distill
-        losses = "+".join(x for x in (d.logit.loss, d.hidden.loss) if x)
-        mapping = d.hidden.layer_mapping if d.hidden.loss else "none"
-        return f"{stage}/{losses}/{mapping}/T={d.logit.temperature:g}"
+        losses = "+".join(x for x in (d.logit.loss, d.intermediate.loss) if x)
+        mapping = d.intermediate.layer_mapping if d.intermediate.loss else "none"
+        aug = "" if cfg.augment.name == "none" else f"/{cfg.augment.name}"
+        return f"{stage}/{losses}/{mapping}/T={d.logit.temperature:g}{aug}"
     if stage == "evaluate" or stage == "finetune":
         role = cfg.get("target" if stage == "evaluate" else "encoder")
         return f"{stage}/{role}"

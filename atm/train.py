@@ -57,6 +57,7 @@ def execute(cfg: DictConfig, inputs: dict[str, Input] | None = None,
         AtmError: unknown stage, unresolvable input, bad data, missing objective metric.
     """
     stage = get_stage(cfg.stage.name)
+    stage.validate(cfg)
     experiment_id = tracking.configure(cfg)
     _data_environment(cfg)
     if inputs is None:

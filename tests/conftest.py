@@ -15,7 +15,7 @@ MIRROR = Path(os.environ.get("ATM_DATA_MIRROR") or REPO.parent / "shared" / "dat
 # A tiny pipeline: every stage runs in seconds on 2 CPU cores. `trainer` and `eval` are inherited by the
 # inputs lineage trains, so teachers are tiny too.
 TINY = [
-    "lineage.inherit=[lineage,data,tokenizer,tracking,trainer,eval]",
+    "lineage.inherit=[lineage,data,tokenizer,tracking,trainer,eval,distill.switch]", "distill.switch.steps=3",
     "tokenizer.vocab_size=2000", "tokenizer.character_coverage=0.98", "tokenizer.max_lines_per_source=60",
     "data.written.max_lines_per_source=40", "data.spoken.max_lines_per_source=40",
     "data.heldout.max_lines_per_lang=4", "data.max_seq_len=32",

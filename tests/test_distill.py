@@ -8,7 +8,7 @@ from omegaconf import OmegaConf
 from transformers import RobertaPreLayerNormConfig
 
 from atm.distill.losses import LOSSES, get_loss
-from atm.distill.mapping import get_mapping
+from atm.distill.mapping import get_mapping, transport_plan
 from atm.distill.objective import DistillationObjective
 from atm.errors import AtmError
 
@@ -57,21 +57,35 @@ def test_mlm_ce_golden():
     assert LOSSES["mlm_ce"].fn(logits, labels).item() == pytest.approx(-math.log(0.75), abs=1e-6)
 
 
-@pytest.mark.parametrize("n_t,n_s,expected", [
-    (12, 4, [(0, 0), (1, 3), (2, 6), (3, 9), (4, 12)]),
-    (12, 6, [(0, 0), (1, 2), (2, 4), (3, 6), (4, 8), (5, 10), (6, 12)]),
-    (24, 4, [(0, 0), (1, 6), (2, 12), (3, 18), (4, 24)]),
+@pytest.mark.parametrize("n_t,n_s,uniform,skip,last", [
+    (12, 4, [(0, 0), (1, 3), (2, 6), (3, 9), (4, 12)], [(1, 3), (2, 6), (3, 9)],
+     [(1, 9), (2, 10), (3, 11), (4, 12)]),
+    (12, 6, [(0, 0), (1, 2), (2, 4), (3, 6), (4, 8), (5, 10), (6, 12)], [(1, 2), (2, 4), (3, 6), (4, 8), (5, 10)],
+     [(1, 7), (2, 8), (3, 9), (4, 10), (5, 11), (6, 12)]),
+    (24, 4, [(0, 0), (1, 6), (2, 12), (3, 18), (4, 24)], [(1, 6), (2, 12), (3, 18)],
+     [(1, 21), (2, 22), (3, 23), (4, 24)]),
 ])
-def test_uniform_mapping_tables(n_t, n_s, expected):
-    assert get_mapping("uniform", n_t, n_s) == expected
-    assert get_mapping("last", n_t, n_s) == [(n_s, n_t)]
+def test_mapping_tables(n_t, n_s, uniform, skip, last):
+    assert get_mapping("uniform", n_t, n_s) == uniform
+    assert get_mapping("skip", n_t, n_s) == skip
+    assert get_mapping("last", n_t, n_s) == last
+    assert get_mapping("first", n_t, n_s) == [(m, m) for m in range(1, n_s + 1)]
+    assert get_mapping("emd", n_t, n_s) == [(m, n) for m in range(1, n_s + 1) for n in range(1, n_t + 1)]
+
+
+def test_transport_plan_marginals_and_preference():
+    cost = torch.tensor([[0.1, 1.0, 1.0, 1.0], [1.0, 1.0, 1.0, 0.1]])
+    plan = transport_plan(cost)
+    assert torch.allclose(plan.sum(1), torch.full((2,), 0.5), atol=1e-4)
+    assert torch.allclose(plan.sum(0), torch.full((4,), 0.25), atol=1e-4)
+    assert plan[0, 0] > plan[0, 3] and plan[1, 3] > plan[1, 0]  # mass flows along cheap pairs
 
 
 def test_mapping_errors():
     with pytest.raises(AtmError, match="more layers"):
         get_mapping("uniform", 4, 12)
-    with pytest.raises(AtmError, match="layer_mapping='emd_x'"):
-        get_mapping("emd_x", 12, 4)
+    with pytest.raises(AtmError, match="layer_mapping='nope'"):
+        get_mapping("nope", 12, 4)
 
 
 def test_unknown_loss_names_the_key():
@@ -88,8 +102,10 @@ def _config(**kw):
 
 def _distill_cfg(**kw):
     cfg = OmegaConf.create({"hard_weight": 1.0,
-                            "logit": {"loss": "soft_ce", "weight": 1.0, "temperature": 2.0, "positions": "masked"},
-                            "hidden": {"loss": "hidden_mse", "weight": 1.0, "layer_mapping": "uniform"}})
+                            "logit": {"loss": "soft_ce", "weight": 1.0, "temperature": 2.0, "temperature_end": None,
+                                      "t_squared": False, "positions": "masked"},
+                            "intermediate": {"loss": "hidden_mse", "weight": 1.0, "layer_mapping": "uniform",
+                                             "heads": "match", "options": {}}})
     return OmegaConf.merge(cfg, kw)
 
 
@@ -122,5 +138,14 @@ def test_objective_rejects_impossible_combinations():
         DistillationObjective(_distill_cfg(), _config(), _config(vocab_size=60))
     with pytest.raises(AtmError, match="more layers"):
         DistillationObjective(_distill_cfg(), _config(num_hidden_layers=2), _config(num_hidden_layers=4))
-    with pytest.raises(AtmError, match="distill.hidden.loss"):
-        DistillationObjective(_distill_cfg(hidden={"loss": "cosine_x"}), _config(), _config())
+    with pytest.raises(AtmError, match="distill.intermediate.loss='cosine_x'"):
+        DistillationObjective(_distill_cfg(intermediate={"loss": "cosine_x"}), _config(), _config())
+    with pytest.raises(AtmError, match="4 attention heads and the student 3"):
+        DistillationObjective(_distill_cfg(intermediate={"loss": "attention_mse", "heads": "mean"}),
+                              _config(num_attention_heads=4, hidden_size=16), _config(num_attention_heads=3, hidden_size=12))
+    with pytest.raises(AtmError, match="heads=mean"):
+        DistillationObjective(_distill_cfg(intermediate={"loss": "attention_kl"}),
+                              _config(num_attention_heads=4), _config(num_attention_heads=2))
+    with pytest.raises(AtmError, match="has no option"):
+        DistillationObjective(_distill_cfg(intermediate={"loss": "infonce", "options": {"alpha": 0.5}}),
+                              _config(), _config())

@@ -40,14 +40,17 @@ def test_every_stage_ran_once_with_lineage(store):
     runs = {stage: _runs(store, stage) for stage in chain}
     assert {stage: len(r) for stage, r in runs.items()} == {stage: 1 for stage in chain}
     ids = {stage: r[0].info.run_id for stage, r in runs.items()}
-    roles = {"pretrain_stage1": ("tokenizer_run", "train_tokenizer"), "pretrain_stage2": ("init", "pretrain_stage1"),
-             "distill_intermediate": ("teacher", "pretrain_stage2"),
-             "distill_final": ("teacher", "distill_intermediate"), "finetune": ("encoder", "distill_final")}
-    for stage, (role, upstream) in roles.items():
+    # AlexaTM: the intermediate student learns from the Stage-1 teacher, then from the Stage-2 teacher
+    roles = {"pretrain_stage1": {"tokenizer_run": "train_tokenizer"}, "pretrain_stage2": {"init": "pretrain_stage1"},
+             "distill_intermediate": {"teacher": "pretrain_stage1", "teacher_next": "pretrain_stage2"},
+             "distill_final": {"teacher": "distill_intermediate"}, "finetune": {"encoder": "distill_final"}}
+    for stage, inputs in roles.items():
         tags = runs[stage][0].data.tags
-        assert tags[f"atm.input.{role}"] == ids[upstream]
-        assert tags["atm.consumed_run_ids"] == ids[upstream]
+        for role, upstream in inputs.items():
+            assert tags[f"atm.input.{role}"] == ids[upstream]
+        assert tags["atm.consumed_run_ids"] == ",".join(ids[u] for u in inputs.values())
         assert len(tags["atm.config_hash"]) == 16
+    assert runs["distill_intermediate"][0].data.metrics["distill/switch_step"] == 4  # distill.switch.steps=3
     for stage in chain:
         run = runs[stage][0]
         assert run.info.status == "FINISHED"

@@ -28,12 +28,14 @@ if str(ROOT) not in sys.path:  # harmless once the repo is installed (editable)
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
 
-def run_app(tmp_path: Path, *overrides: str) -> subprocess.CompletedProcess:
+def run_app(
+    tmp_path: Path, *overrides: str, config_name: str = "config"
+) -> subprocess.CompletedProcess:
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT)] + [p for p in [env.get("PYTHONPATH")] if p])
     env.pop("HYDRA_FULL_ERROR", None)
     cmd = [
-        sys.executable, str(APP), "-m",
+        sys.executable, str(APP), f"--config-name={config_name}", "-m",
         f"hydra.sweep.dir={tmp_path / 'multirun'}",
         f"hydra.run.dir={tmp_path / 'run'}",
         f"marker_dir={tmp_path / 'markers'}",
@@ -129,6 +131,44 @@ def test_sweep_where_every_trial_fails_exits_nonzero(tmp_path):
     assert [t.state for t in sqlite_study(tmp_path).trials] == [TrialState.FAIL] * 2
 
 
+def test_conditional_and_prefixed_params(tmp_path):
+    # conditional.yaml: mode: choice(plain, scaled, 1); +extra.alpha when mode=scaled;
+    # +extra.beta when mode in [scaled, 1] and y=b; +extra.gamma: a +-prefixed command-line sweep
+    proc = run_app(
+        tmp_path, "hydra.sweeper.sampler.name=tpe", "+hydra.sweeper.sampler.n_startup_trials=3",
+        "+extra.gamma=choice(3,4)", config_name="conditional",
+    )
+    assert proc.returncode == 0, proc.stderr
+    study = sqlite_study(tmp_path)
+    assert [t.state for t in study.trials] == [TrialState.COMPLETE] * 8
+    seen = markers(tmp_path)
+    n_alpha = n_beta = 0
+    for t in study.trials:
+        rec, p = seen[t.number], t.params
+        alpha_on = p["mode"] == "scaled"
+        beta_on = p["mode"] in ("scaled", 1) and p["y"] == "b"
+        n_alpha, n_beta = n_alpha + alpha_on, n_beta + beta_on
+        # sampled only when the condition held; otherwise neither sampled nor sent to the job
+        assert ("extra.alpha" in p) == alpha_on and ("extra.beta" in p) == beta_on
+        want = {"gamma"} | ({"alpha"} if alpha_on else set()) | ({"beta"} if beta_on else set())
+        assert set(rec["extra"]) == want
+        assert rec["mode"] == p["mode"] and rec["extra"]["gamma"] == p["extra.gamma"]
+        if alpha_on:
+            assert rec["extra"]["alpha"] == pytest.approx(p["extra.alpha"])
+            assert t.distributions["extra.alpha"] == optuna.distributions.FloatDistribution(0, 1)
+        if beta_on:
+            assert rec["extra"]["beta"] == p["extra.beta"]
+        assert t.value == pytest.approx(rec["value"])
+        sent = yaml.safe_load(
+            (tmp_path / "multirun" / str(t.number) / ".hydra" / "overrides.yaml").read_text()
+        )
+        assert [o.split("=")[0] for o in sent if "extra" in o] == (
+            ["+extra.alpha"] * alpha_on + ["+extra.beta"] * beta_on + ["+extra.gamma"]
+        )
+    assert 0 < n_alpha < 8 and 0 < n_beta < 8  # both branches of both conditions ran
+    assert "extra.gamma" in results(tmp_path)["best_params"]
+
+
 BAD_CONFIGS = [
     ("hydra.sweeper.sampler.name=bogus", "hydra.sweeper.sampler.name: unknown sampler 'bogus'"),
     ("hydra.sweeper.params.y='choice()'", "hydra.sweeper.params.y: cannot parse"),
@@ -141,6 +181,29 @@ BAD_CONFIGS = [
     (
         "hydra.sweeper.storage='postgresql+psycopg2://postgres@127.0.0.1:1/x'",
         "hydra.sweeper.storage: cannot open postgresql+psycopg2://postgres@127.0.0.1:1/x",
+    ),
+    # a key missing from the app config needs a + prefix (also for a conditional param,
+    # which the pre-flight check composes with its condition made true)
+    ("extra.alpha=choice(1,2)", "hydra.sweeper.params: overrides do not compose"),
+    (
+        "+hydra.sweeper.params.zz={when: {y: b}, space: 'choice(1, 2)'}",
+        "hydra.sweeper.params: overrides do not compose",
+    ),
+    (
+        "hydra.sweeper.params.x={when: {y: a}, space: 'interval(0.0, 1.0)'}",
+        "hydra.sweeper.params.x: 'when' refers to 'y', which is written after it",
+    ),
+    (
+        "hydra.sweeper.params.y={when: {nosuch: 1}, space: 'choice(a, b)'}",
+        "hydra.sweeper.params.y: 'when' refers to 'nosuch', which is not in hydra.sweeper.params",
+    ),
+    (
+        "hydra.sweeper.params.y={when: {x: 1}, space: 'choice(a, b)', default: a}",
+        "hydra.sweeper.params.y: unknown key 'default'",
+    ),
+    (
+        "+hydra.sweeper.params.report={when: {y: [a, c]}, space: 'choice(true, false)'}",
+        "hydra.sweeper.params.report: 'when' y: 'c' can never hold (y is choice(a, b))",
     ),
 ]
 
@@ -233,3 +296,100 @@ def test_objective_values():
     assert "NaN" in _objective_values(float("nan"), 1)[1]
     assert "not a number" in _objective_values("abc", 1)[1]
     assert "2 value(s) for 1 objective(s)" in _objective_values([1.0, 2.0], 1)[1]
+
+
+def test_condition_matching():
+    from hydra_plugins.atm_optuna_sweeper._impl import same_value
+
+    assert same_value(1, 1) and same_value(1, 1.0) and same_value("1", 1) and same_value(1, "1.0")
+    assert same_value("mi_alpha", "mi_alpha") and not same_value("mi_alpha", "pkd")
+    assert same_value(True, True) and same_value(True, "true") and not same_value(True, 1)
+    assert same_value(None, None) and same_value(None, "null") and not same_value(0, None)
+    assert not same_value(1, 2) and not same_value("a", 1)
+
+
+DOC_PARAMS = {
+    "distill.intermediate.loss": "choice(hidden_mse, pkd, infonce, mi_alpha)",
+    "+distill.intermediate.options.alpha": {
+        "when": {"distill.intermediate.loss": "mi_alpha"},
+        "space": "interval(0.0, 1.0)",
+    },
+    "augment.name": "choice(none, random_replace, mask, contextual, repeated)",
+    "augment.probability": {
+        "when": {"augment.name": ["random_replace", "mask", "contextual", "repeated"]},
+        "space": "interval(0.05, 0.5)",
+    },
+    "n": "choice(1, 2)",
+    "++m": {"when": {"n": 1}, "space": "range(1, 4)"},
+    "k": {"when": {"+m": [2, 3], "n": 1}, "space": "choice(a, b)"},
+}
+
+
+def _space(params, *arguments):
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    from hydra_plugins.atm_optuna_sweeper._impl import build_search_space
+
+    return build_search_space(params, list(arguments), OverridesParser.create())
+
+
+def test_conditional_space_define_by_run():
+    from hydra_plugins.atm_optuna_sweeper._impl import probe_assignments, sample
+
+    space, fixed = _space(DOC_PARAMS)
+    alpha = space["distill.intermediate.options.alpha"]
+    assert list(space) == [
+        "distill.intermediate.loss", "distill.intermediate.options.alpha", "augment.name",
+        "augment.probability", "n", "m", "k",
+    ]
+    assert fixed == {} and alpha.key == "+distill.intermediate.options.alpha"
+    assert alpha.override(0.5) == "+distill.intermediate.options.alpha=0.5"
+    assert space["m"].override(2) == "++m=2" and space["k"].when == {"m": [2, 3], "n": [1]}
+
+    study = optuna.create_study(sampler=optuna.samplers.TPESampler(seed=0, n_startup_trials=5))
+    seen = set()
+    for _ in range(40):
+        trial = study.ask()
+        values = sample(space, trial)
+        assert values == trial.params
+        loss, aug = values["distill.intermediate.loss"], values["augment.name"]
+        assert ("distill.intermediate.options.alpha" in values) == (loss == "mi_alpha")
+        assert ("augment.probability" in values) == (aug != "none")
+        assert ("m" in values) == (values["n"] == 1)
+        assert ("k" in values) == (values.get("m") in (2, 3))
+        seen |= set(values)
+        study.tell(trial, float(len(values)))
+    assert seen == set(space)
+
+    # the pre-flight probes try every value of a conditional param with its condition true
+    rows = probe_assignments(space)
+    alpha = "distill.intermediate.options.alpha"
+    assert {r[alpha] for r in rows if alpha in r} == {0.0, 1.0}
+    assert all((alpha in r) == (r["distill.intermediate.loss"] == "mi_alpha") for r in rows)
+    assert {r["k"] for r in rows if "k" in r} == {"a", "b"}
+    assert all(r["n"] == 1 and r["m"] in (2, 3) for r in rows if "k" in r)
+    assert all(("m" in r) == (r["n"] == 1) for r in rows)
+
+
+def test_conditional_space_with_command_line_overrides():
+    from hydra_plugins.atm_optuna_sweeper._impl import AtmOptunaSweeperImpl, SweepError
+
+    alpha = "distill.intermediate.options.alpha"
+    # a command-line sweep replaces the space but keeps the condition (and the position)
+    space, _ = _space(DOC_PARAMS, "+distill.intermediate.options.alpha=interval(0.0, 0.2)")
+    assert list(space)[1] == alpha and space[alpha].when == {"distill.intermediate.loss": [
+        "mi_alpha"]}
+    assert space[alpha].distribution.high == 0.2
+    # a condition on a key fixed on the command line is decided once
+    space, fixed = _space(DOC_PARAMS, "distill.intermediate.loss=mi_alpha", "augment.name=none")
+    assert space[alpha].when == {} and "augment.probability" not in space
+    assert fixed["distill.intermediate.loss"] == "distill.intermediate.loss=mi_alpha"
+    # conditions that contradict each other through a chain
+    bad = {"a": "choice(1, 2)", "b": {"when": {"a": 1}, "space": "choice(x, y)"},
+           "c": {"when": {"b": "x", "a": 2}, "space": "interval(0.0, 1.0)"}}
+    with pytest.raises(SweepError, match=r"params\.c: 'when' can never hold together"):
+        _space(bad)
+    with pytest.raises(SweepError, match=r"grid sampler does not support conditional params"):
+        AtmOptunaSweeperImpl(sampler={"name": "grid"})._make_sampler(_space(DOC_PARAMS)[0], 0)
+    with pytest.raises(SweepError, match=r"params\.b\.when\.a: expected a value or a non-empty"):
+        _space({"a": "choice(1, 2)", "b": {"when": {"a": []}, "space": "choice(x, y)"}})

@@ -2,20 +2,20 @@
 
 Plain PyTorch: AdamW (no weight decay on biases and LayerNorm weights), linear warm-up then linear
 decay, gradient clipping, optional bf16 autocast, metrics to the active MLflow run every
-``trainer.log_every`` steps, a progress bar, and a callback every ``trainer.save_every`` steps.
+``trainer.log_every`` steps, a progress bar, and callbacks after every step.
 """
 
 from __future__ import annotations
 
 import math
 import time
-from typing import Callable, Iterator, Mapping
+from typing import Callable, Iterator, Mapping, Sequence
 
 import torch
 from omegaconf import DictConfig
 from tqdm.auto import tqdm
 
-LossFn = Callable[[dict], "tuple[torch.Tensor, dict[str, float]]"]
+LossFn = Callable[[dict, int], "tuple[torch.Tensor, dict[str, float]]"]
 
 
 def device_for(trainer_cfg: DictConfig) -> torch.device:
@@ -41,17 +41,18 @@ def make_optimizer(module: torch.nn.Module, cfg: DictConfig) -> torch.optim.Opti
 
 
 def fit(module: torch.nn.Module, stream: Iterator[dict], loss_fn: LossFn, cfg: DictConfig, *,
-        on_save: Callable[[int], None] | None = None, desc: str = "train",
+        callbacks: Sequence[Callable[[int], None]] = (), desc: str = "train",
         metric_prefix: str = "train", log_metrics: bool = True) -> dict[str, float]:
     """Train ``module`` for ``cfg.max_steps`` optimiser steps on batches from ``stream``.
 
     Args:
         module: everything trained (e.g. a student plus its projections); already on its device.
         stream: endless iterator of CPU batches (dicts of tensors); moved to the module's device here.
-        loss_fn: ``batch -> (scalar loss, {part name: float})``.
+        loss_fn: ``(batch, step) -> (scalar loss, {part name: float})``; ``step`` counts from 1.
         cfg: the ``trainer`` config (max_steps, lr, weight_decay, warmup_steps, grad_clip, precision,
             log_every, save_every).
-        on_save: called with the step number every ``cfg.save_every`` steps.
+        callbacks: each called with the step number after every optimiser step (checkpointing,
+            evaluation, teacher switching).
 
     Returns:
         ``{"<prefix>/loss": mean loss of the last logging window, "<prefix>/step": steps,
@@ -75,7 +76,7 @@ def fit(module: torch.nn.Module, stream: Iterator[dict], loss_fn: LossFn, cfg: D
     for step in progress:
         batch = to_device(next(stream), device)
         with autocast:
-            loss, parts = loss_fn(batch)
+            loss, parts = loss_fn(batch, step)
         if not torch.isfinite(loss):
             raise FloatingPointError(f"{desc}: loss is {loss.item()} at step {step}")
         optimizer.zero_grad(set_to_none=True)
@@ -95,8 +96,8 @@ def fit(module: torch.nn.Module, stream: Iterator[dict], loss_fn: LossFn, cfg: D
                 mlflow.log_metrics(last, step=step)
             progress.set_postfix(loss=f"{last[f'{metric_prefix}/loss']:.3f}")
             window, window_steps = {}, 0
-        if on_save is not None and cfg.get("save_every") and step % cfg.save_every == 0 and step < cfg.max_steps:
-            on_save(step)
+        for callback in callbacks:
+            callback(step)
     seconds = time.perf_counter() - start
     totals = {f"{metric_prefix}/step": float(cfg.max_steps), f"{metric_prefix}/seconds": seconds,
               f"{metric_prefix}/samples_per_second": samples / max(seconds, 1e-9)}

@@ -25,20 +25,32 @@ class Stage:
         target: ``module:function`` of its ``run(cfg, inputs) -> dict[str, float]``.
         reads: the top-level config groups that define what it trains (they enter its config hash).
         artifact: the artifact directory consumers download (``checkpoint`` or ``tokenizer``).
+        check: optional ``module:function`` validating the config before any input is resolved or trained
+            (raises AtmError).
     """
 
     name: str
     target: str
     reads: tuple[str, ...]
     artifact: str = "checkpoint"
+    check: str | None = None
 
     def hashed_keys(self, cfg: DictConfig) -> tuple[str, ...]:
-        return ("stage", "seed", *self.reads, *cfg.stage.inputs)
+        return ("stage", "seed", *self.reads, *cfg.stage.inputs, *cfg.stage.get("optional_inputs", []))
 
     @property
     def run(self) -> Callable:
-        module, function = self.target.split(":")
-        return getattr(import_module(module), function)
+        return _load(self.target)
+
+    def validate(self, cfg: DictConfig) -> None:
+        """Run the stage's config check, if it has one."""
+        if self.check:
+            _load(self.check)(cfg)
+
+
+def _load(target: str) -> Callable:
+    module, function = target.split(":")
+    return getattr(import_module(module), function)
 
 
 _MODEL = ("model", "trainer", "data")
@@ -46,9 +58,11 @@ STAGES = {s.name: s for s in (
     Stage("train_tokenizer", "atm.stages.tokenizer:run", ("tokenizer", "data"), artifact="tokenizer"),
     Stage("pretrain_stage1", "atm.stages.pretrain:run", _MODEL),
     Stage("pretrain_stage2", "atm.stages.pretrain:run", _MODEL),
-    Stage("distill_intermediate", "atm.stages.distill:run", (*_MODEL, "distill")),
-    Stage("distill_final", "atm.stages.distill:run", (*_MODEL, "distill")),
+    Stage("distill_intermediate", "atm.stages.distill:run", (*_MODEL, "distill", "augment"),
+          check="atm.stages.distill:check"),
+    Stage("distill_final", "atm.stages.distill:run", (*_MODEL, "distill", "augment"), check="atm.stages.distill:check"),
     Stage("finetune", "atm.stages.finetune:run", ("trainer", "data", "finetune")),
+    Stage("distill_task", "atm.stages.distill_task:run", ("trainer", "data", "finetune", "distill"), check="atm.stages.distill_task:check"),
     Stage("evaluate", "atm.stages.evaluate:run", ("data", "eval"), artifact="evaluation"),
 )}
 

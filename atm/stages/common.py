@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import tempfile
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 import mlflow
 import torch
@@ -29,7 +29,8 @@ def corpus_lines(name: str, data_cfg: DictConfig, seed: int) -> list[str]:
     return [line.text for line in lines]
 
 
-def train_mlm(cfg: DictConfig, module: torch.nn.Module, model, tokenizer, loss_fn: LossFn) -> dict[str, float]:
+def train_mlm(cfg: DictConfig, module: torch.nn.Module, model, tokenizer, loss_fn: LossFn,
+              callbacks: Sequence[Callable[[int], None]] = ()) -> dict[str, float]:
     """Train ``module`` (which contains ``model``) with ``loss_fn`` on MLM batches of ``stage.corpus``.
 
     Saves ``model`` + ``tokenizer`` every ``trainer.save_every`` steps (``checkpoints/step-<N>``) and at the
@@ -41,8 +42,8 @@ def train_mlm(cfg: DictConfig, module: torch.nn.Module, model, tokenizer, loss_f
     mlflow.log_metric("data/train_sequences", len(examples))
     stream = batch_stream(examples, cfg.trainer.batch_size, mlm_collator(tokenizer, cfg.stage.mlm_probability),
                           cfg.seed)
-    summary = fit(module, stream, loss_fn, cfg.trainer, on_save=checkpoint_logger(model, tokenizer),
-                  desc=cfg.stage.name)
+    summary = fit(module, stream, loss_fn, cfg.trainer,
+                  callbacks=[checkpoint_logger(model, tokenizer, cfg.trainer), *callbacks], desc=cfg.stage.name)
     log_model(model, tokenizer, tracking.CHECKPOINT)
     metrics = heldout_perplexities(model, tokenizer, cfg.data, cfg.eval.perplexity.max_lines_per_lang)
     mlflow.log_metrics(metrics, step=cfg.trainer.max_steps)
@@ -57,10 +58,13 @@ def log_model(model, tokenizer, artifact_path: str) -> None:
         tracking.log_checkpoint(out, artifact_path)
 
 
-def checkpoint_logger(model, tokenizer) -> Callable[[int], None]:
-    """A ``fit`` ``on_save`` callback logging an intermediate checkpoint ``checkpoints/step-<N>``."""
+def checkpoint_logger(model, tokenizer, trainer_cfg: DictConfig) -> Callable[[int], None]:
+    """A ``fit`` callback logging an intermediate checkpoint ``checkpoints/step-<N>`` every
+    ``trainer.save_every`` steps (before the last step, which :func:`train_mlm` saves as ``checkpoint``)."""
 
-    def on_save(step: int) -> None:
-        log_model(model, tokenizer, f"{tracking.CHECKPOINTS}/step-{step:06d}")
+    def on_step(step: int) -> None:
+        every = trainer_cfg.get("save_every")
+        if every and step % every == 0 and step < trainer_cfg.max_steps:
+            log_model(model, tokenizer, f"{tracking.CHECKPOINTS}/step-{step:06d}")
 
-    return on_save
+    return on_step

@@ -1,37 +1,200 @@
 """Stages ``distill_intermediate`` and ``distill_final``: a student learns from a frozen teacher with the
-objective of :mod:`atm.distill.objective` on MLM batches (AlexaTM sec. 3.3; Distiller, He et al. 2021)."""
+objective of :mod:`atm.distill.objective` on (optionally augmented) MLM batches (AlexaTM sec. 3.3;
+Distiller, He et al. 2021).
+
+With ``teacher_next`` set (AlexaTM's recipe for the intermediate student) the student first learns from
+``teacher`` (Stage 1) and switches to ``teacher_next`` (Stage 2) after ``distill.switch.steps`` steps or
+when its held-out loss plateaus. With ``distill.cache.enabled`` the teachers' outputs are read from, or
+written to, the teacher-output cache shared by every trial of a sweep (:mod:`atm.distill.cache`).
+"""
 
 from __future__ import annotations
 
+import logging
+from dataclasses import dataclass, field
+
 import mlflow
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
-from atm.distill.objective import DistillationObjective
+from atm.data import corpora
+from atm.distill import augment as A
+from atm.distill.cache import TeacherCache, cache_key, check_cache_config
+from atm.distill.objective import DistillationObjective, check_names
 from atm.engine.loop import device_for
+from atm.errors import AtmError
+from atm.lineage import Input
+from atm.models.attention import set_attention_scores
 from atm.models.encoder import build_mlm, count_parameters, load_mlm, mlm_forward
 from atm.models.tokenizer import load_tokenizer
 from atm.stages.common import train_mlm
 
+log = logging.getLogger(__name__)
 
-def run(cfg: DictConfig, inputs: dict) -> dict[str, float]:
-    """Build a fresh ``model`` student over the teacher's tokenizer and distil the ``teacher`` input into it."""
+
+def check(cfg: DictConfig) -> None:
+    """Config-time validation: loss, mapping, augmentation and cache settings (AtmError naming the key)."""
+    check_names(cfg.distill)
+    A.parse_config(cfg.augment)
+    check_cache_config(cfg.distill)
+    if cfg.distill.switch.criterion not in ("steps", "plateau"):
+        raise AtmError(f"distill.switch.criterion={cfg.distill.switch.criterion!r} must be 'steps' or 'plateau'")
+
+
+@dataclass
+class Teacher:
+    """A frozen teacher, its input record and (optionally) its output cache."""
+
+    model: torch.nn.Module
+    source: Input
+    cache: TeacherCache | None = None
+    since_step: int | None = None
+    stats: dict = field(default_factory=dict)
+
+
+def _cache_for(cfg: DictConfig, source: Input, objective: DistillationObjective) -> TeacherCache | None:
+    c = cfg.distill.cache
+    if not c.enabled:
+        return None
+    key = cache_key(teacher=source.run_id or str(source.path.resolve()), data=OmegaConf.to_container(cfg.data),
+                    seed=cfg.seed, batch_size=cfg.trainer.batch_size, corpus=cfg.stage.corpus,
+                    mlm_probability=cfg.stage.mlm_probability, augment=A.augmentation_key(cfg.augment),
+                    positions=cfg.distill.logit.positions, top_k=c.top_k)
+    hidden = {j for _, j in objective.pairs} if objective.needs_hidden_states else set()
+    attention = {j - 1 for _, j in objective.pairs} if objective.needs_attentions else set()
+    return TeacherCache(c.dir, key, c.top_k, hidden, attention)
+
+
+def run(cfg: DictConfig, inputs: dict[str, Input]) -> dict[str, float]:
+    """Build a fresh ``model`` student over the teacher's tokenizer and distil the teacher(s) into it."""
     device = device_for(cfg.trainer)
     tokenizer = load_tokenizer(inputs["teacher"].path)
-    teacher = load_mlm(inputs["teacher"].path).to(device).eval().requires_grad_(False)
+    sources = [inputs["teacher"]] + ([inputs["teacher_next"]] if "teacher_next" in inputs else [])
+    models = [load_mlm(s.path).to(device).eval().requires_grad_(False) for s in sources]
+    for extra in models[1:]:
+        if extra.config.vocab_size != models[0].config.vocab_size:
+            raise AtmError(f"teacher_next has a vocabulary of {extra.config.vocab_size}, teacher of "
+                           f"{models[0].config.vocab_size}: both teachers must share the tokenizer")
     student = build_mlm(cfg.model, tokenizer, max_seq_len=cfg.data.max_seq_len)
-    objective = DistillationObjective(cfg.distill, teacher.config, student.config)
+    objective = DistillationObjective(cfg.distill, models[0].config, student.config, cfg.trainer.max_steps)
+    teachers = [Teacher(m, s, _cache_for(cfg, s, objective)) for m, s in zip(models, sources)]
     module = torch.nn.ModuleDict({"student": student, "objective": objective}).to(device)
     mlflow.log_metrics({"model/student_parameters": count_parameters(student),
-                        "model/teacher_parameters": count_parameters(teacher)})
-    hidden = objective.needs_hidden_states
+                        "model/teacher_parameters": count_parameters(models[0]),
+                        "model/objective_parameters": sum(p.numel() for p in objective.parameters())})
+    outputs = {"output_hidden_states": objective.needs_hidden_states,
+               "output_attentions": objective.needs_attentions}
+    for model in (*models, student):
+        set_attention_scores(model, objective.needs_attentions)
+    # the current teacher, and the augmentation built around it (contextual augmentation asks the teacher)
+    state = {"teacher": teachers[0], "augmentation": A.build_augmentation(cfg.augment, tokenizer=tokenizer,
+                                                                          teacher=models[0])}
 
-    def loss_fn(batch):
-        labels, mask = batch["labels"], batch["attention_mask"]
-        positions = objective.positions(labels, mask)
+    def forward(model, batch, positions):
+        if A.MIXUP_INDEX in batch:
+            return A.mixup_mlm_forward(model, batch, positions, **outputs)
+        return mlm_forward(model, batch["input_ids"], batch["attention_mask"], positions, **outputs)
+
+    def teacher_outputs(batch, step):
+        """The (augmented) batch of ``step`` and the current teacher's outputs on it, cached if enabled,
+        plus the augmentation's metrics when it ran (not on a cache hit)."""
+        teacher: Teacher = state["teacher"]
+        augmentation = state["augmentation"]
+        shape = (student.config.vocab_size, teacher.model.config.num_hidden_layers + 1,
+                 teacher.model.config.num_hidden_layers)
+        if teacher.cache is not None:
+            hit = teacher.cache.load(step, *shape)
+            if hit is not None:
+                cached, out_t = hit
+                return {k: v.to(device) for k, v in cached.items()}, _to(out_t, device), {}
+        metrics = {}
+        if augmentation is not None:
+            batch = augmentation.at_step(batch, step)
+            metrics = augmentation.last_metrics
+        positions = objective.positions(batch["labels"], batch["attention_mask"])
         with torch.no_grad():
-            out_t = mlm_forward(teacher, batch["input_ids"], mask, positions, output_hidden_states=hidden)
-        out_s = mlm_forward(student, batch["input_ids"], mask, positions, output_hidden_states=hidden)
-        return objective(out_s, out_t, labels[positions])
+            out_t = forward(teacher.model, batch, positions)
+        if teacher.cache is None:
+            return batch, out_t, metrics
+        teacher.cache.store(step, batch, out_t)
+        # read back what was stored, so that cache misses and hits train on the same (top-k) teacher
+        cached, out_t = teacher.cache.read(step, *shape)
+        return {k: v.to(device) for k, v in cached.items()}, _to(out_t, device), metrics
 
-    return train_mlm(cfg, module, student, tokenizer, loss_fn)
+    def loss_fn(batch, step):
+        batch, out_t, metrics = teacher_outputs(batch, step)
+        labels = batch["labels"]
+        positions = objective.positions(labels, batch["attention_mask"])
+        out_s = forward(student, batch, positions)
+        loss, parts = objective(out_s, out_t, labels[positions], step, batch.get(A.MIXUP_LAMBDA, 1.0))
+        return loss, {**parts, **metrics}
+
+    callbacks = [TeacherSwitch(cfg, teachers, state, student, tokenizer)] if len(teachers) > 1 else []
+    try:
+        metrics = train_mlm(cfg, module, student, tokenizer, loss_fn, callbacks)
+    finally:
+        set_attention_scores(student, False)
+    for i, teacher in enumerate(teachers):
+        if teacher.cache is not None:
+            prefix = f"cache/teacher{i}"
+            metrics.update({f"{prefix}/hits": float(teacher.cache.hits), f"{prefix}/misses": float(teacher.cache.misses),
+                            f"{prefix}/size_mb": teacher.cache.size_bytes() / 2**20})
+    if len(teachers) > 1 and teachers[1].since_step is not None:
+        metrics["distill/switch_step"] = float(teachers[1].since_step)
+    mlflow.log_metrics({k: v for k, v in metrics.items() if k.startswith(("cache/", "distill/"))})
+    return metrics
+
+
+def _to(out: dict, device: torch.device) -> dict:
+    def move(x):
+        if torch.is_tensor(x):
+            return x.to(device)
+        if isinstance(x, tuple):
+            return tuple(move(v) for v in x)
+        return x
+
+    return {k: move(v) for k, v in out.items()}
+
+
+class TeacherSwitch:
+    """``fit`` callback of AlexaTM's two-step recipe: switch from the first to the second teacher after
+    ``distill.switch.steps`` steps (``criterion: steps``) or once the student's held-out spoken MLM loss,
+    measured every ``eval_every`` steps, has not improved by ``min_delta`` for ``patience`` measurements
+    (``criterion: plateau``). Logs ``distill/heldout_loss`` and ``distill/teacher`` (0 or 1) per step."""
+
+    def __init__(self, cfg: DictConfig, teachers: list[Teacher], state: dict, student, tokenizer):
+        self.cfg, self.teachers, self.state = cfg.distill.switch, teachers, state
+        self.augment_cfg = cfg.augment
+        self.student, self.tokenizer = student, tokenizer
+        self.max_seq_len = cfg.data.max_seq_len
+        self.heldout = ([line.text for line in corpora.heldout_spoken(cfg.data.heldout.max_lines_per_lang)]
+                        if self.cfg.criterion == "plateau" else [])
+        self.best, self.bad = float("inf"), 0
+
+    def __call__(self, step: int) -> None:
+        if self.state["teacher"] is self.teachers[1]:
+            return
+        if self.cfg.criterion == "steps":
+            switch = step >= self.cfg.steps
+        else:
+            if step % self.cfg.eval_every:
+                return
+            import math
+
+            from atm.stages.evaluate import mlm_perplexity
+
+            loss = math.log(mlm_perplexity(self.student, self.tokenizer, self.heldout, self.max_seq_len))
+            self.student.train()
+            mlflow.log_metric("distill/heldout_loss", loss, step=step)
+            if loss < self.best - self.cfg.min_delta:
+                self.best, self.bad = loss, 0
+            else:
+                self.bad += 1
+            switch = self.bad >= self.cfg.patience
+        if switch:
+            self.teachers[1].since_step = step + 1
+            self.state["teacher"] = self.teachers[1]
+            self.state["augmentation"] = A.build_augmentation(self.augment_cfg, tokenizer=self.tokenizer,
+                                                              teacher=self.teachers[1].model)
+            mlflow.log_metric("distill/teacher", 1, step=step + 1)
+            log.info("switching to teacher_next (%s) after step %d", self.teachers[1].source.run_id, step)

@@ -110,7 +110,7 @@ def xnli_zero_shot(checkpoint: Path, tokenizer, cfg: DictConfig, trainer_cfg: Di
     xnli_trainer = DictConfig({**trainer_cfg, "max_steps": steps, "lr": cfg.lr, "batch_size": cfg.batch_size,
                                "warmup_steps": max(1, steps // 10), "save_every": None})
     fit(model, batch_stream(examples, cfg.batch_size, _pair_collator(tokenizer), seed),
-        lambda batch: (model(**batch).loss, {}), xnli_trainer, desc="xnli", log_metrics=False)
+        lambda batch, step: (model(**batch).loss, {}), xnli_trainer, desc="xnli", log_metrics=False)
     accuracy = {}
     with torch.no_grad():
         for lang in xnli_test_languages():

@@ -104,7 +104,7 @@ def run(cfg: DictConfig, inputs: dict) -> dict[str, float]:
     model.to(device_for(cfg.trainer))
     stream = batch_stream(encode(tokenizer, train, intents, slots, cfg.data.max_seq_len), cfg.trainer.batch_size,
                           collator(tokenizer), cfg.seed)
-    summary = fit(model, stream, lambda batch: (model(**batch).loss, {}), cfg.trainer, desc="finetune")
+    summary = fit(model, stream, lambda batch, step: (model(**batch).loss, {}), cfg.trainer, desc="finetune")
     results = {}
     for locale in ft.eval_locales:
         examples = read_massive([locale], [ft.eval_split])[:ft.max_eval_per_locale]

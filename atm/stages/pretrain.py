@@ -22,7 +22,7 @@ def run(cfg: DictConfig, inputs: dict) -> dict[str, float]:
         model = build_mlm(cfg.model, tokenizer, max_seq_len=cfg.data.max_seq_len)
     model.to(device_for(cfg.trainer))
 
-    def loss_fn(batch):
+    def loss_fn(batch, step):
         masked = batch["labels"] != -100
         out = mlm_forward(model, batch["input_ids"], batch["attention_mask"], masked)
         return mlm_ce(out["logits"], batch["labels"][masked]), {}

@@ -22,6 +22,10 @@ Config (``hydra/sweeper: atm_optuna``)::
           distill.weights.hidden: tag(log, interval(0.01, 1.0))
           trainer.lr: choice(1e-4, 3e-4)
           x: range(1, 5)
+          distill.intermediate.loss: choice(hidden_mse, pkd, infonce, mi_alpha)
+          +distill.intermediate.options.alpha:           # conditional (define-by-run) param
+            when: {distill.intermediate.loss: mi_alpha}
+            space: interval(0.0, 1.0)
 
 Search-space syntax (in ``params`` or on the command line, ``python app.py -m x=choice(1,2)``):
 
@@ -31,12 +35,50 @@ Search-space syntax (in ``params`` or on the command line, ``python app.py -m x=
 * ``interval(low, high)`` -> float; int if both ends are written as integers (``interval(1, 8)``);
   ``tag(log, interval(...))`` -> log scale; ``tag(int, interval(...))`` -> int.
 * Any other override (``trainer.epochs=3``, ``~foo``) is passed unchanged to every job; a
-  command-line entry for a key replaces the ``params`` entry of that key.
+  command-line entry for a key replaces the ``params`` entry of that key (in its position).
+* Keys may carry Hydra's ``+``/``++`` prefix, in ``params`` or on the command line
+  (``+a.b: choice(1, 2)``, ``-m +a.b=choice(1,2)``) for keys missing from the app config: the job
+  gets ``+a.b=<value>``, the Optuna param (and ``best_params``) is named ``a.b``. The pre-flight
+  composition check applies the prefix too (without it a missing key is an error).
 * An empty search space is allowed (define-by-run: jobs call ``trial.suggest_*`` themselves).
 * New sampler kwargs on the command line need a ``+``:
   ``+hydra.sweeper.sampler.n_startup_trials=5``.
 * Storage: with SQLAlchemy 2.1 a bare ``postgresql://`` URL means psycopg 3; write
   ``postgresql+psycopg2://user@host:5432/db`` to use psycopg2.
+
+Conditional params (Optuna define-by-run): a ``params`` entry may be a mapping with ``space``
+(a sweep string as above) and ``when`` (param -> value, or a list of values meaning any of
+them; several params: all must hold)::
+
+    params:
+      distill.intermediate.loss: choice(hidden_mse, pkd, infonce, mi_alpha)
+      augment.name: choice(none, random_replace, mask, contextual, repeated)
+      +distill.intermediate.options.alpha:
+        when: {distill.intermediate.loss: mi_alpha}
+        space: interval(0.0, 1.0)
+      augment.probability:
+        when: {augment.name: [random_replace, mask, contextual, repeated]}
+        space: interval(0.05, 0.5)
+
+* Params are sampled in the order written; a ``when`` may refer only to params written before it
+  (possibly conditional themselves: an inactive param fails every condition on it). A param
+  whose condition is false is not suggested to Optuna (``trial.suggest_*`` is not called, so the
+  trial simply lacks it and TPE models the conditional space) and is not passed to the job,
+  which keeps its config default.
+* Values are compared as numbers when both read as numbers (``choice(1, 2)`` sampled ``1``
+  matches ``when: {x: 1}`` and ``when: {x: "1"}``), else as text (``true``/``false``/``null``).
+  A condition on a float ``interval`` holds only on an exact match (a warning says so).
+* A command-line sweep of a conditional key replaces its ``space`` and keeps its ``when``; a
+  fixed command-line value of a conditional key is passed to every job. A ``when`` on a key
+  that has a fixed value (``-m augment.name=mask``) is decided once: true -> that part of the
+  condition is dropped; false -> the param is never sampled (warning).
+* The pre-flight composition check tries every choice of a conditional param with its
+  condition made true. The grid sampler does not support conditional params.
+* Errors (before any job): a key under the mapping other than ``when``/``space``; a missing or
+  non-sweep ``space``; a ``when`` naming the param itself, a param written after it, or a key
+  not in ``params`` (nor fixed on the command line); a ``when`` value that a ``choice()`` or an
+  int ``range()``/``interval()`` can never take; conditions that contradict each other through
+  a chain of conditional params.
 
 Sweep loop: the study is created or loaded; the sweeper runs ``n_trials - finished`` trials
 (finished = COMPLETE or PRUNED trials already in the study), ``n_jobs`` per launcher batch, asking
@@ -74,7 +116,8 @@ Errors (raised before any job starts, as :class:`atm.errors.AtmError` with a one
 naming the key; Hydra prints it and exits 1): unknown sampler name or bad sampler kwargs, bad
 ``direction``/``n_trials``/``n_jobs``, unparseable sweep string, empty ``choice()``/``range()``,
 ``interval(low, high)`` with low > high, log scale with low <= 0, grid sampler over a continuous
-param, params that do not compose with the app config, unreachable storage, an existing study
+param or with conditional params, bad conditional params (see above), params that do not compose
+with the app config, unreachable storage, an existing study
 with another direction, or an existing study with ``load_if_exists: false``.
 """
 

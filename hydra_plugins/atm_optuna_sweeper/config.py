@@ -27,8 +27,10 @@ class AtmOptunaSweeperConf:
     n_jobs: int = 1
     # name: tpe | random | grid; seed: int | null; any other key is passed to the sampler class.
     sampler: Dict[str, Any] = field(default_factory=lambda: {"name": "tpe", "seed": 0})
-    # Search space: override key -> Hydra sweep string, e.g. "choice(a, b)", "interval(0.0, 1.0)".
-    params: Dict[str, str] = field(default_factory=dict)
+    # Search space: override key (may start with + or ++) -> Hydra sweep string, e.g.
+    # "choice(a, b)", "interval(0.0, 1.0)", or a conditional param
+    # {when: {<earlier param>: value or [values]}, space: <sweep string>}.
+    params: Dict[str, Any] = field(default_factory=dict)
     # Resume an existing study of the same name instead of failing.
     load_if_exists: bool = True
 

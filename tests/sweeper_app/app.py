@@ -4,7 +4,7 @@ import json
 from pathlib import Path
 
 import hydra
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from hydra_plugins.atm_optuna_sweeper import trial_from_config
 
@@ -13,7 +13,13 @@ from hydra_plugins.atm_optuna_sweeper import trial_from_config
 def main(cfg: DictConfig) -> float:
     number = cfg.optuna.trial_number if "optuna" in cfg else None
     value = (float(cfg.x) - 1.0) ** 2 + {"a": 0.0, "b": 0.5}[cfg.y]
-    record = {"trial_number": number, "x": cfg.x, "y": cfg.y, "value": value}
+    extra = OmegaConf.to_container(cfg.extra) if "extra" in cfg else None  # only via +extra.*
+    if extra and "alpha" in extra:
+        value += float(extra["alpha"])
+    record = {
+        "trial_number": number, "x": cfg.x, "y": cfg.y, "mode": cfg.mode, "extra": extra,
+        "value": value,
+    }
     trial = trial_from_config(cfg)
     if trial is not None:
         record["helper_trial_number"] = trial.number
