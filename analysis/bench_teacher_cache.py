@@ -2,10 +2,12 @@
 
     python analysis/bench_teacher_cache.py [--workdir DIR] [--steps 300]
 
-Trains the teacher chain once (tokenizer, Stage 1, Stage 2) in ``--workdir``, then runs
-``sweeps/bench_teacher_cache.yaml`` twice -- ``distill.cache.enabled=false`` and ``=true`` (fresh cache) --
-and prints each trial's wall time (from its MLflow run), the ratio of cached to uncached trials after the
-first (the first cached trial fills the cache), and the cache size on disk. A script, not a timed test.
+Trains a teacher once in ``--workdir`` (the tokenizer and a short Stage-1 run of the ``teacher_small``
+preset, 6 x 256: its quality does not matter here, its cost does), then runs
+``sweeps/bench_teacher_cache.yaml`` over it twice -- ``distill.cache.enabled=false`` and ``=true`` (fresh
+cache) -- and prints each trial's wall time (from its MLflow run), the FLOPs ratio of teacher and student,
+the ratio of cached to uncached trials after the first (the first cached trial fills the cache), and the
+cache size on disk. A script, not a timed test. Needs the data (``ATM_DATA_MIRROR``).
 """
 
 from __future__ import annotations
@@ -20,6 +22,8 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:  # runnable from a checkout without installing atm
+    sys.path.insert(0, str(REPO))
 
 
 def _train(args: list[str], cwd: Path) -> float:
@@ -43,6 +47,24 @@ def _trial_seconds(cwd: Path, study: str) -> list[tuple[int, float, float]]:
     return sorted(rows)
 
 
+def _teacher_run(cwd: Path) -> str:
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{cwd / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("atm")
+    return client.search_runs([exp.experiment_id], "tags.`atm.stage` = 'pretrain_stage1'",
+                              order_by=["attributes.start_time DESC"], max_results=1)[0].info.run_id
+
+
+def _flops_ratio() -> float:
+    """Forward FLOPs per token of the encoders (2 x non-embedding parameters), teacher over student."""
+    from atm.models.encoder import count_parameters, load_preset
+
+    counts = [count_parameters(load_preset(name), vocab_size=1, non_embedding=True)
+              for name in ("teacher_small", "student_tiny")]
+    return counts[0] / counts[1]
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workdir", type=Path, default=None, help="where the MLflow store goes (default: a temp dir)")
@@ -51,14 +73,18 @@ def main(argv: list[str] | None = None) -> int:
     cwd = args.workdir or Path(tempfile.mkdtemp(prefix="atm-bench-cache-"))
     cwd.mkdir(parents=True, exist_ok=True)
     steps = f"trainer.max_steps={args.steps}"
-    print(f"workdir {cwd}; training the teachers once ...", flush=True)
-    print(f"  teachers: {_train(['stage=pretrain_stage2'], cwd):.0f} s", flush=True)
+    print(f"workdir {cwd}; training the teacher once ...", flush=True)
+    seconds = _train(["stage=pretrain_stage1", "model=teacher_small", "trainer.max_steps=100",
+                      "trainer.save_every=null"], cwd)
+    teacher_id = _teacher_run(cwd)
+    print(f"  teacher {teacher_id}: {seconds:.0f} s; FLOPs per token (encoder, 2 x parameters): "
+          f"teacher / student = {_flops_ratio():.0f}x", flush=True)
     shutil.rmtree(cwd / ".atm" / "teacher_cache", ignore_errors=True)
     results = {}
     for cached in (False, True):
         study = f"bench_cache_{'on' if cached else 'off'}"
         wall = _train(["-m", "+sweep=bench_teacher_cache", f"hydra.sweeper.study_name={study}",
-                       f"distill.cache.enabled={str(cached).lower()}", steps], cwd)
+                       f"teacher=runs:/{teacher_id}", f"distill.cache.enabled={str(cached).lower()}", steps], cwd)
         results[cached] = _trial_seconds(cwd, study)
         print(f"  sweep with cache {'on ' if cached else 'off'}: {wall:.0f} s", flush=True)
     off, on = results[False], results[True]

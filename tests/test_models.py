@@ -34,7 +34,7 @@ from atm.models import (
 
 from conftest import MIRROR as DATA  # noqa: E402
 SLURP_LM = DATA / "slurp" / "dataset" / "lm" / "lm.txt.gz"
-TINY = ["teacher_tiny", "intermediate_tiny", "student_tiny"]
+TINY = ["teacher_tiny", "teacher_small", "intermediate_tiny", "student_tiny"]
 PAPER = ["student_17m", "student_170m", "teacher_700m", "teacher_2b", "teacher_9b"]
 VOCAB = 600
 INTENTS = ["alarm_set", "play_music", "weather_query"]

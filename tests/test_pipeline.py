@@ -132,6 +132,11 @@ def test_evaluate_checkpoints_and_correlation(store, data_env):
     (["stage=distill_final", "teacher=nowhere"], "teacher='nowhere' is neither a stage"),
     (["stage=finetune", "finetune.locales=[xx-XX]"], "xx-XX"),
     (["stage=distill_final", "teacher=runs:/0123456789abcdef"], "no such MLflow run"),
+    (["stage=distill_final", "augment.name=nope"], "augment.name='nope'"),
+    (["stage=distill_final", "distill.intermediate.layer_mapping=nope"], "layer_mapping='nope'"),
+    (["stage=distill_final", "distill.intermediate.loss=attention_mse"], "4 attention heads and the student 2"),
+    (["stage=distill_final", "distill.logit.loss=logit_mse", "distill.cache.enabled=true"], "distill.cache.top_k"),
+    (["stage=distill_intermediate", "distill.switch.criterion=sometimes"], "distill.switch.criterion"),
 ])
 def test_bad_input_one_line_error(store, data_env, args, message):
     result = atm_train([*args, *TINY], store, data_env)
@@ -151,3 +156,33 @@ def test_missing_data_directory(tmp_path, data_env):
     result = atm_train(["stage=train_tokenizer", *TINY], tmp_path, env)
     assert result.returncode == 2
     assert "nowhere" in result.stderr and "Traceback" not in result.stderr
+
+
+def _metrics_of_newest(cwd: Path, stage: str) -> dict:
+    runs = sorted(_runs(cwd, stage), key=lambda r: r.info.start_time)
+    return runs[-1].data.metrics
+
+
+def test_recipe_with_attention_augmentation_and_cache(store, data_env):
+    recipe = ["stage=distill_final", "distill.intermediate.heads=mean", "distill.intermediate.layer_mapping=emd",
+              "augment=contextual", "distill.cache.enabled=true", *TINY]
+    first = atm_train([*recipe, "distill.intermediate.loss=attention_kl"], store, data_env)
+    assert first.returncode == 0, first.stderr[-3000:]
+    m = _metrics_of_newest(store, "distill_final")
+    assert m["cache/teacher0/misses"] == 6 and "train/attention_kl" in m and "train/augment/rate" in m
+    # another trial of the same sweep (other loss, same teacher, data and augmentation): all cache hits
+    second = atm_train([*recipe, "distill.intermediate.loss=attention_mse"], store, data_env)
+    assert second.returncode == 0, second.stderr[-3000:]
+    m = _metrics_of_newest(store, "distill_final")
+    assert m["cache/teacher0/hits"] == 6 and m["cache/teacher0/misses"] == 0 and m["cache/teacher0/size_mb"] > 0
+
+
+def test_teacher_switch_on_plateau(store, data_env):
+    result = atm_train(["stage=distill_intermediate", "distill.switch.criterion=plateau", "distill.switch.eval_every=1",
+                        "distill.switch.patience=1", "distill.switch.min_delta=100", *TINY], store, data_env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    run = sorted(_runs(store, "distill_intermediate"), key=lambda r: r.info.start_time)[-1]
+    # step 1 sets the best held-out loss; step 2 does not improve it by min_delta=100: switch after step 2
+    assert run.data.metrics["distill/switch_step"] == 3
+    history = _client(store).get_metric_history(run.info.run_id, "distill/heldout_loss")
+    assert [m.step for m in history] == [1, 2]

@@ -28,6 +28,20 @@ def mlm_collator(tokenizer, mlm_probability: float = 0.15, seed: int | None = No
                                            mask_replace_prob=0.8, random_replace_prob=0.1, seed=seed)
 
 
+def text_mlm_collator(tokenizer, max_seq_len: int, mlm_probability: float = 0.15,
+                      seed: int | None = None) -> Callable:
+    """Tokenize a batch of raw lines (truncated to ``max_seq_len``) and mask it with :func:`mlm_collator`.
+
+    Training streams tokenize lazily, batch by batch, so a run never pays for lines it does not reach.
+    """
+    mask = mlm_collator(tokenizer, mlm_probability, seed)
+
+    def collate(lines: Sequence[str]) -> dict:
+        return mask(tokenize_lines(tokenizer, lines, max_seq_len))
+
+    return collate
+
+
 def batch_stream(examples: Sequence, batch_size: int, collate: Callable, seed: int) -> Iterator[dict]:
     """An endless stream of shuffled batches (a new seeded permutation every epoch)."""
     if not examples:

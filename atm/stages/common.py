@@ -12,7 +12,7 @@ from omegaconf import DictConfig
 
 from atm import tracking
 from atm.data import corpora
-from atm.data.collate import batch_stream, mlm_collator, tokenize_lines
+from atm.data.collate import batch_stream, text_mlm_collator
 from atm.engine.loop import LossFn, fit
 from atm.errors import AtmError
 from atm.models.encoder import save_checkpoint
@@ -38,10 +38,10 @@ def train_mlm(cfg: DictConfig, module: torch.nn.Module, model, tokenizer, loss_f
     """
     from atm.stages.evaluate import heldout_perplexities
 
-    examples = tokenize_lines(tokenizer, corpus_lines(cfg.stage.corpus, cfg.data, cfg.seed), cfg.data.max_seq_len)
-    mlflow.log_metric("data/train_sequences", len(examples))
-    stream = batch_stream(examples, cfg.trainer.batch_size, mlm_collator(tokenizer, cfg.stage.mlm_probability),
-                          cfg.seed)
+    lines = [line for line in corpus_lines(cfg.stage.corpus, cfg.data, cfg.seed) if line.strip()]
+    mlflow.log_metric("data/train_lines", len(lines))
+    stream = batch_stream(lines, cfg.trainer.batch_size,
+                          text_mlm_collator(tokenizer, cfg.data.max_seq_len, cfg.stage.mlm_probability), cfg.seed)
     summary = fit(module, stream, loss_fn, cfg.trainer,
                   callbacks=[checkpoint_logger(model, tokenizer, cfg.trainer), *callbacks], desc=cfg.stage.name)
     log_model(model, tokenizer, tracking.CHECKPOINT)

@@ -26,9 +26,7 @@ relative score; NaN when the teacher scores 0). The student is saved as ``checkp
 
 from __future__ import annotations
 
-import json
 import math
-import random
 from typing import Any
 
 import mlflow
@@ -36,7 +34,7 @@ import torch
 from omegaconf import DictConfig
 
 from atm.data.collate import batch_stream
-from atm.data.massive import intent_labels, read_massive, slot_labels
+from atm.data.massive import intent_labels, slot_labels
 from atm.distill.losses import get_loss
 from atm.distill.objective import DistillationObjective
 from atm.engine.loop import device_for, fit
@@ -46,10 +44,7 @@ from atm.models.encoder import count_parameters, load_mlm
 from atm.models.heads import IGNORE_INDEX, JointIntentSlotModel, load_joint_model
 from atm.models.tokenizer import load_tokenizer
 from atm.stages.common import log_model
-from atm.stages.finetune import collator, encode, score_locale
-
-#: The scores of :func:`atm.stages.finetune.score_locale` that are averaged over locales and compared.
-SCORES = ("intent_accuracy", "slot_f1", "exact_match")
+from atm.stages.finetune import SCORES, collator, encode, evaluate_massive, train_examples
 
 
 def check(cfg: DictConfig) -> None:
@@ -209,11 +204,7 @@ def run(cfg: DictConfig, inputs: dict) -> dict[str, float]:
     mlflow.log_metrics({"model/student_parameters": count_parameters(student),
                         "model/teacher_parameters": count_parameters(teacher)})
 
-    train = []  # the same sample as atm.stages.finetune.run
-    for locale in ft.locales:
-        examples = read_massive([locale], ["train"])
-        random.Random(cfg.seed).shuffle(examples)
-        train += examples[:ft.max_train_per_locale]
+    train = train_examples(ft, cfg.seed)  # the same sample as atm.stages.finetune.run
     mlflow.log_metric("data/train_examples", len(train))
     stream = batch_stream(encode(tokenizer, train, intents, slots, cfg.data.max_seq_len), cfg.trainer.batch_size,
                           collator(tokenizer), cfg.seed)
@@ -226,19 +217,10 @@ def run(cfg: DictConfig, inputs: dict) -> dict[str, float]:
 
     summary = fit(student, stream, loss_fn, cfg.trainer, desc="distill_task")
 
-    results: dict[str, float] = {}
-    for locale in ft.eval_locales:
-        examples = read_massive([locale], [ft.eval_split])[:ft.max_eval_per_locale]
-        scores, rows = score_locale(student, tokenizer, examples, intents, slots, cfg.data.max_seq_len)
-        results.update({f"eval/massive/{locale}/{k}": v for k, v in scores.items()})
-        scores_t, _ = score_locale(teacher, tokenizer, examples, intents, slots, cfg.data.max_seq_len)
-        results.update({f"eval/massive_teacher/{locale}/{k}": v for k, v in scores_t.items()})
-        mlflow.log_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows),
-                        f"predictions/{locale}.jsonl")
+    results = evaluate_massive(student, tokenizer, ft, intents, slots, cfg.data.max_seq_len)
+    results.update(evaluate_massive(teacher, tokenizer, ft, intents, slots, cfg.data.max_seq_len,
+                                    prefix="eval/massive_teacher", log_predictions=False))
     for key in SCORES:
-        for prefix in ("eval/massive", "eval/massive_teacher"):
-            results[f"{prefix}/avg/{key}"] = sum(results[f"{prefix}/{loc}/{key}"]
-                                                 for loc in ft.eval_locales) / len(ft.eval_locales)
         results[f"eval/massive/avg/{key}_ratio"] = _ratio(results[f"eval/massive/avg/{key}"],
                                                           results[f"eval/massive_teacher/avg/{key}"])
     mlflow.log_metrics(results, step=cfg.trainer.max_steps)

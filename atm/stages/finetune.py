@@ -88,33 +88,52 @@ def score_locale(model, tokenizer, examples, intents, slots, max_seq_len: int) -
     return scores, rows
 
 
+SCORES = ("intent_accuracy", "slot_f1", "exact_match")
+
+
+def train_examples(ft: DictConfig, seed: int) -> list:
+    """The training sample: per locale of ``finetune.locales``, a seeded shuffle of its train partition cut
+    to ``finetune.max_train_per_locale``."""
+    train = []
+    for locale in ft.locales:
+        examples = read_massive([locale], ["train"])
+        random.Random(seed).shuffle(examples)
+        train += examples[:ft.max_train_per_locale]
+    return train
+
+
+def evaluate_massive(model, tokenizer, ft: DictConfig, intents: list[str], slots: list[str], max_seq_len: int,
+                     prefix: str = "eval/massive", log_predictions: bool = True) -> dict[str, float]:
+    """:func:`score_locale` on every locale of ``finetune.eval_locales`` (``finetune.eval_split``, at most
+    ``max_eval_per_locale`` utterances): ``<prefix>/<locale>/<score>`` and the means over locales
+    ``<prefix>/avg/<score>``; predictions are logged as ``predictions/<locale>.jsonl``."""
+    results: dict[str, float] = {}
+    for locale in ft.eval_locales:
+        examples = read_massive([locale], [ft.eval_split])[:ft.max_eval_per_locale]
+        scores, rows = score_locale(model, tokenizer, examples, intents, slots, max_seq_len)
+        results.update({f"{prefix}/{locale}/{k}": v for k, v in scores.items()})
+        if log_predictions:
+            mlflow.log_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows),
+                            f"predictions/{locale}.jsonl")
+    for key in SCORES:
+        results[f"{prefix}/avg/{key}"] = sum(results[f"{prefix}/{loc}/{key}"]
+                                             for loc in ft.eval_locales) / len(ft.eval_locales)
+    return results
+
+
 def run(cfg: DictConfig, inputs: dict) -> dict[str, float]:
     """Fine-tune on ``finetune.locales`` (train partition), evaluate ``finetune.eval_locales``."""
     ft = cfg.finetune
     path = inputs["encoder"].path
     tokenizer = load_tokenizer(path)
     intents, slots = intent_labels(), slot_labels()
-    train = []
-    for locale in ft.locales:
-        examples = read_massive([locale], ["train"])
-        random.Random(cfg.seed).shuffle(examples)
-        train += examples[:ft.max_train_per_locale]
     model = JointIntentSlotModel.from_encoder(path, intents, slots, pooling=ft.pooling,
                                               slot_loss_coef=ft.slot_loss_coef, freeze_encoder=ft.freeze_encoder)
     model.to(device_for(cfg.trainer))
-    stream = batch_stream(encode(tokenizer, train, intents, slots, cfg.data.max_seq_len), cfg.trainer.batch_size,
-                          collator(tokenizer), cfg.seed)
+    stream = batch_stream(encode(tokenizer, train_examples(ft, cfg.seed), intents, slots, cfg.data.max_seq_len),
+                          cfg.trainer.batch_size, collator(tokenizer), cfg.seed)
     summary = fit(model, stream, lambda batch, step: (model(**batch).loss, {}), cfg.trainer, desc="finetune")
-    results = {}
-    for locale in ft.eval_locales:
-        examples = read_massive([locale], [ft.eval_split])[:ft.max_eval_per_locale]
-        scores, rows = score_locale(model, tokenizer, examples, intents, slots, cfg.data.max_seq_len)
-        results.update({f"eval/massive/{locale}/{k}": v for k, v in scores.items()})
-        mlflow.log_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows),
-                        f"predictions/{locale}.jsonl")
-    for key in ("intent_accuracy", "slot_f1", "exact_match"):
-        results[f"eval/massive/avg/{key}"] = sum(results[f"eval/massive/{loc}/{key}"]
-                                                 for loc in ft.eval_locales) / len(ft.eval_locales)
+    results = evaluate_massive(model, tokenizer, ft, intents, slots, cfg.data.max_seq_len)
     mlflow.log_metrics(results, step=cfg.trainer.max_steps)
     log_model(model, tokenizer, "checkpoint")
     return {**summary, **results}
