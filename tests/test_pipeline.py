@@ -186,3 +186,15 @@ def test_teacher_switch_on_plateau(store, data_env):
     assert run.data.metrics["distill/switch_step"] == 3
     history = _client(store).get_metric_history(run.info.run_id, "distill/heldout_loss")
     assert [m.step for m in history] == [1, 2]
+
+
+@pytest.mark.parametrize("sweep", ["layer_mappings", "intermediate_objectives", "augmentation", "distiller_full",
+                                   "bench_teacher_cache"])
+def test_every_sweep_config_runs(store, data_env, sweep):
+    """Each sweep file composes, passes the sweeper's pre-flight checks and runs a trial on real data."""
+    result = atm_train(["-m", f"+sweep={sweep}", "hydra.sweeper.n_trials=1", f"hydra.sweeper.study_name=t_{sweep}",
+                        *TINY], store, data_env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    trials = [r for r in _runs(store) if r.data.tags.get("atm.sweep") == f"t_{sweep}" and r.data.tags.get("mlflow.parentRunId")]
+    assert len(trials) == 1 and trials[0].info.status == "FINISHED"
+    assert "eval/perplexity/spoken" in trials[0].data.metrics
