@@ -55,3 +55,11 @@ def atm_train(args: list[str], cwd: Path, env: dict[str, str], timeout: int = 90
     """Run ``python -m atm.train <args>`` as a real subprocess in ``cwd``."""
     return subprocess.run([sys.executable, "-m", "atm.train", *args], cwd=cwd, env=env, capture_output=True,
                           text=True, timeout=timeout)
+
+
+def trained_store(tmp_path_factory, env: dict[str, str], name: str, args: list[str]) -> Path:
+    """A fresh working directory in which ``python -m atm.train <args>`` has run (and succeeded)."""
+    cwd = tmp_path_factory.mktemp(name)
+    result = atm_train(args, cwd, env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return cwd

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import TINY, atm_train
+from conftest import TINY, atm_train, trained_store
 from omegaconf import OmegaConf
 
 from atm.errors import AtmError
@@ -223,10 +223,7 @@ CLI = [a if not a.startswith("lineage.inherit=") else "lineage.inherit=[lineage,
 
 @pytest.fixture(scope="module")
 def task_store(tmp_path_factory, data_env):
-    cwd = tmp_path_factory.mktemp("distill_task")
-    result = atm_train(["stage=distill_task", *CLI], cwd, data_env)
-    assert result.returncode == 0, result.stderr[-3000:]
-    return cwd
+    return trained_store(tmp_path_factory, data_env, "distill_task", ["stage=distill_task", *CLI])
 
 
 def _runs(cwd: Path, stage: str):

@@ -9,16 +9,13 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, TINY, atm_train
+from conftest import REPO, TINY, atm_train, trained_store
 
 
 @pytest.fixture(scope="module")
 def store(tmp_path_factory, data_env):
     """A working directory whose MLflow store holds the whole chain, trained by one `stage=finetune` call."""
-    cwd = tmp_path_factory.mktemp("pipeline")
-    result = atm_train(["stage=finetune", *TINY], cwd, data_env)
-    assert result.returncode == 0, result.stderr[-3000:]
-    return cwd
+    return trained_store(tmp_path_factory, data_env, "pipeline", ["stage=finetune", *TINY])
 
 
 def _client(cwd: Path):
