@@ -140,7 +140,7 @@ def _check_local_store_exists(uri: str) -> None:
             raise AtmError(f"no MLflow store at {Path(path).resolve()} (tracking URI {uri})")
 
 
-def connect(tracking_uri: str | None) -> tuple["MlflowClient", str]:
+def connect(tracking_uri: str | None) -> tuple[MlflowClient, str]:
     """Return ``(client, resolved_uri)`` for ``tracking_uri`` (or the atm default).
 
     Never creates a store: a ``sqlite:///`` file or local directory that does not exist is an
@@ -154,7 +154,7 @@ def connect(tracking_uri: str | None) -> tuple["MlflowClient", str]:
     return MlflowClient(tracking_uri=uri), uri
 
 
-def get_experiment(client: "MlflowClient", name: str, uri: str) -> "Experiment":
+def get_experiment(client: MlflowClient, name: str, uri: str) -> Experiment:
     """The active experiment called ``name``; AtmError listing the existing ones if absent."""
     exp = client.get_experiment_by_name(name)
     if exp is None or exp.lifecycle_stage != "active":
@@ -172,8 +172,8 @@ def get_experiment(client: "MlflowClient", name: str, uri: str) -> "Experiment":
 
 
 def search_all_runs(
-    client: "MlflowClient", experiment_ids: Sequence[str], filter_string: str = ""
-) -> list["Run"]:
+    client: MlflowClient, experiment_ids: Sequence[str], filter_string: str = ""
+) -> list[Run]:
     """All active runs matching ``filter_string`` (follows MLflow's pagination), oldest first."""
     runs: list[Run] = []
     token = None
@@ -191,18 +191,18 @@ def search_all_runs(
             return runs
 
 
-def run_label(run: "Run") -> str:
+def run_label(run: Run) -> str:
     return f"{run.info.run_id} ({run.info.run_name})" if run.info.run_name else run.info.run_id
 
 
 def find_evaluate_runs(
-    client: "MlflowClient",
-    experiment: "Experiment",
+    client: MlflowClient,
+    experiment: Experiment,
     uri: str,
     stages: Iterable[str] | None = None,
     stage_prefix: str | None = PRETRAIN_STAGE_PREFIX,
     finished_only: bool = True,
-) -> list["Run"]:
+) -> list[Run]:
     """Evaluate runs of ``experiment``, filtered by the stage they evaluated.
 
     Args:
@@ -223,7 +223,7 @@ def find_evaluate_runs(
         raise AtmError(f"no evaluate runs {where}; {EVALUATE_HINT}")
     wanted = set(stages) if stages is not None else None
 
-    def stage_ok(run: "Run") -> bool:
+    def stage_ok(run: Run) -> bool:
         st = run.data.tags.get(TAG_EVALUATED_STAGE, "")
         if wanted is not None:
             return st in wanted
@@ -253,7 +253,7 @@ def find_evaluate_runs(
     return kept
 
 
-def get_evaluate_runs(client: "MlflowClient", run_ids: Sequence[str], uri: str) -> list["Run"]:
+def get_evaluate_runs(client: MlflowClient, run_ids: Sequence[str], uri: str) -> list[Run]:
     """Fetch the given evaluate runs by id, in order; AtmError for unknown/deleted/non-evaluate."""
     from mlflow.exceptions import MlflowException
 
@@ -290,12 +290,12 @@ def get_evaluate_runs(client: "MlflowClient", run_ids: Sequence[str], uri: str) 
 
 
 def metric_history_frame(
-    client: "MlflowClient",
-    runs: Sequence["Run"],
+    client: MlflowClient,
+    runs: Sequence[Run],
     keys: Iterable[str] | None = None,
     prefix: str | None = None,
     resolve_evaluated_names: bool = True,
-) -> "pd.DataFrame":
+) -> pd.DataFrame:
     """One row per (run, step) with the full metric histories as columns.
 
     Args:
@@ -354,7 +354,7 @@ def metric_history_frame(
     return frame
 
 
-def _run_name_or_empty(client: "MlflowClient", run_id: str) -> str:
+def _run_name_or_empty(client: MlflowClient, run_id: str) -> str:
     from mlflow.exceptions import MlflowException
 
     try:
@@ -363,7 +363,7 @@ def _run_name_or_empty(client: "MlflowClient", run_id: str) -> str:
         return ""
 
 
-def runs_frame(runs: Sequence["Run"], tag_prefix: str = "atm.") -> "pd.DataFrame":
+def runs_frame(runs: Sequence[Run], tag_prefix: str = "atm.") -> pd.DataFrame:
     """One row per run: id, name, status, experiment, ``params.*`` and tags under ``tag_prefix``.
 
     Handy for joining run-level settings (model size, stage, config) onto a metric frame.
@@ -389,7 +389,7 @@ def runs_frame(runs: Sequence["Run"], tag_prefix: str = "atm.") -> "pd.DataFrame
 
 
 def format_markdown_table(
-    frame: "pd.DataFrame", formats: Mapping[str, str | Callable[[Any], str]] | None = None
+    frame: pd.DataFrame, formats: Mapping[str, str | Callable[[Any], str]] | None = None
 ) -> str:
     """Render ``frame`` as a GitHub-markdown table (no ``tabulate`` dependency).
 
@@ -467,12 +467,12 @@ def atomic_write_text(path: Path | str, text: str) -> Path:
     return atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
 
 
-def atomic_write_csv(path: Path | str, frame: "pd.DataFrame") -> Path:
+def atomic_write_csv(path: Path | str, frame: pd.DataFrame) -> Path:
     return atomic_write(path, lambda tmp: frame.to_csv(tmp, index=False))
 
 
 def log_analysis_run(
-    client: "MlflowClient",
+    client: MlflowClient,
     experiment_id: str,
     analysis: str,
     consumed_run_ids: Sequence[str],
@@ -521,4 +521,337 @@ def log_analysis_run(
         client.set_terminated(run_id, status="FAILED")
         raise
     client.set_terminated(run_id, status="FINISHED")
+    return run_id
+
+
+# ---------------------------------------------------------------------------------------------
+# What every analysis script shares: its CLI, one index of the experiment's runs with lineage
+# look-ups, run-level values (MASSIVE scores, model size, fine-tuning variant) and its outputs.
+
+TAG_INPUT = "atm.input."  # + role: the run id the role resolved to (atm.tracking.TAG_INPUT)
+TAG_SWEEP = "atm.sweep"
+TAG_SWEEP_PARENT = "atm.sweep_parent"
+TAG_TRIAL = "atm.trial"
+TAG_OPTUNA_TRIAL = "optuna.trial_number"
+TAG_TRIAL_STATE = "atm.trial_state"
+TAG_PARENT_RUN = "mlflow.parentRunId"
+#: Tags of a finetune run (atm.stages.finetune.TAG_SETTING / TAG_FROZEN).
+TAG_FINETUNE_SETTING = "atm.finetune.setting"
+TAG_FINETUNE_FROZEN = "atm.finetune.freeze_encoder"
+STAGE_FINETUNE = "finetune"
+#: Training stages whose runs are MLM encoders (their checkpoints are evaluated and fine-tuned).
+MLM_STAGES = ("pretrain_stage1", "pretrain_stage2", "distill_intermediate", "distill_final")
+MASSIVE_SCORES = ("intent_accuracy", "slot_f1", "exact_match")
+#: Params of a finetune run that say how it was trained, compared when two runs are matched; the
+#: ``model.*`` params of a finetune run are the config default, not its encoder, so they are left out.
+_RECIPE_PREFIXES = ("finetune.", "trainer.", "data.max_seq_len", "seed")
+_RECIPE_IGNORED = ("trainer.device", "trainer.log_every")
+
+
+def analysis_parser(name: str, description: str, run_ids_help: str) -> argparse.ArgumentParser:
+    """The CLI every ``analysis/<name>.py`` starts from.
+
+    Options: ``--tracking-uri``, ``--experiment`` (:func:`add_store_args`), ``--run-id RUN_ID...``
+    (repeatable; what the ids select is ``run_ids_help``), ``--out DIR`` (default
+    ``analysis/out/<name>``) and ``--no-log``.
+    """
+    parser = argparse.ArgumentParser(prog=f"python analysis/{name}.py", description=description)
+    add_store_args(parser)
+    parser.add_argument("--run-id", dest="run_ids", action="extend", nargs="+", metavar="RUN_ID",
+                        help=run_ids_help)
+    default_out = Path("analysis") / "out" / name
+    parser.add_argument("--out", type=Path, default=default_out,
+                        help=f"output directory, relative to the current directory (default: {default_out}/)")
+    parser.add_argument("--no-log", action="store_true",
+                        help="do not log the analysis run to MLflow (only print and write files)")
+    return parser
+
+
+def cli(build_parser: Callable[[], argparse.ArgumentParser], body: Callable[[argparse.Namespace], int],
+        argv: Sequence[str] | None = None) -> int:
+    """A script's ``main``: parse ``argv`` with ``build_parser()`` and return :func:`run_main` of
+    ``body(args)`` (0 ok, 2 and one ``error:`` line for a user error)."""
+    args = build_parser().parse_args(argv)
+    return run_main(lambda: body(args))
+
+
+class RunIndex:
+    """Every active run of one experiment, fetched once, with the lineage look-ups of atm's tags.
+
+    Attributes:
+        client, experiment, uri: where the runs come from.
+        runs: all active runs, oldest first; ``by_id`` maps run id -> run.
+    """
+
+    def __init__(self, client: MlflowClient, experiment: Experiment, uri: str):
+        self.client, self.experiment, self.uri = client, experiment, uri
+        self.runs = search_all_runs(client, [experiment.experiment_id])
+        self.by_id = {r.info.run_id: r for r in self.runs}
+
+    @classmethod
+    def open(cls, args: argparse.Namespace) -> RunIndex:
+        """Connect to ``args.tracking_uri`` and index experiment ``args.experiment``.
+
+        Raises:
+            AtmError: no store there, or no such experiment.
+        """
+        client, uri = connect(args.tracking_uri)
+        return cls(client, get_experiment(client, resolve_experiment_name(args.experiment), uri), uri)
+
+    @property
+    def where(self) -> str:
+        return f"in experiment {self.experiment.name!r} at {self.uri}"
+
+    def of_stage(self, *stages: str, finished_only: bool = True) -> list[Run]:
+        """Runs whose ``atm.stage`` is one of ``stages`` (FINISHED ones only by default), oldest first."""
+        return [r for r in self.runs if r.data.tags.get(TAG_STAGE) in stages
+                and (not finished_only or r.info.status == "FINISHED")]
+
+    def get(self, run_id: str) -> Run:
+        """The run ``run_id`` (it may live in another experiment of the store).
+
+        Raises:
+            AtmError: no such run, or it is deleted.
+        """
+        if run_id in self.by_id:
+            return self.by_id[run_id]
+        from mlflow.exceptions import MlflowException
+
+        try:
+            run = self.client.get_run(run_id)
+        except MlflowException:
+            raise AtmError(f"run id {run_id!r} not found at {self.uri}") from None
+        if run.info.lifecycle_stage != "active":
+            raise AtmError(f"run {run_label(run)} is deleted")
+        self.by_id[run_id] = run
+        return run
+
+    def select(self, run_ids: Sequence[str], stages: Sequence[str], option: str = "--run-id") -> list[Run]:
+        """The runs ``run_ids`` (deduplicated, in order), each of which must have a stage in ``stages``.
+
+        Raises:
+            AtmError: an unknown or deleted run id, or a run of another stage.
+        """
+        runs = []
+        for run_id in dict.fromkeys(run_ids):
+            run = self.get(run_id)
+            stage = run.data.tags.get(TAG_STAGE)
+            if stage not in stages:
+                raise AtmError(f"run {run_label(run)} is a {stage!r} run; {option} takes runs of stage "
+                               f"{' or '.join(stages)}")
+            runs.append(run)
+        return runs
+
+    def input(self, run: Run, role: str) -> Run | None:
+        """The run that ``run``'s input ``role`` resolved to (tag ``atm.input.<role>``), or None when
+        the role is absent, was a path, or its run no longer exists."""
+        run_id = run.data.tags.get(TAG_INPUT + role, "")
+        if not run_id or run_id == "path":
+            return None
+        try:
+            return self.get(run_id)
+        except AtmError:
+            return None
+
+    def consumers(self, run_id: str, role: str, stage: str | None = None,
+                  finished_only: bool = True) -> list[Run]:
+        """Runs (of ``stage``, if given) whose input ``role`` is ``run_id``, oldest first."""
+        return [r for r in self.runs if r.data.tags.get(TAG_INPUT + role) == run_id
+                and (stage is None or r.data.tags.get(TAG_STAGE) == stage)
+                and (not finished_only or r.info.status == "FINISHED")]
+
+    def evaluations(self, run_id: str) -> list[Run]:
+        """Finished evaluate runs that scored the checkpoints of training run ``run_id``, oldest first."""
+        return [r for r in self.runs if r.data.tags.get(TAG_STAGE) == STAGE_EVALUATE
+                and r.data.tags.get(TAG_EVALUATED_RUN_ID) == run_id and r.info.status == "FINISHED"]
+
+
+def is_sweep_trial(run: Run) -> bool:
+    """True for a trial of a sweep (a nested run tagged ``atm.sweep``)."""
+    tags = run.data.tags
+    return TAG_SWEEP in tags and TAG_SWEEP_PARENT not in tags
+
+
+def param_value(text: str | None) -> Any:
+    """An MLflow param (always text) back as bool/None/int/float where it reads as one, else the text."""
+    if text is None:
+        return None
+    lowered = text.strip().lower()
+    if lowered in ("true", "false"):
+        return lowered == "true"
+    if lowered in ("none", "null"):
+        return None
+    for cast in (int, float):
+        try:
+            return cast(text)
+        except ValueError:
+            pass
+    return text
+
+
+def finetune_variant(run: Run) -> tuple[str, bool]:
+    """``(setting, frozen)`` of a finetune run: ``atm.finetune.setting`` (else param
+    ``finetune.setting``, else ``"full"``) and ``atm.finetune.freeze_encoder`` (else param
+    ``finetune.freeze_encoder``, else False)."""
+    tags, params = run.data.tags, run.data.params
+    setting = tags.get(TAG_FINETUNE_SETTING) or params.get("finetune.setting") or "full"
+    frozen = param_value(tags.get(TAG_FINETUNE_FROZEN, params.get("finetune.freeze_encoder", "false")))
+    return str(setting), bool(frozen)
+
+
+def encoder_label(frozen: bool) -> str:
+    return "frozen" if frozen else "fine-tuned"
+
+
+def finetune_recipe(run: Run) -> tuple[tuple[str, str], ...]:
+    """What a finetune run trained apart from its encoder: its ``finetune.*``, ``trainer.*``,
+    ``data.max_seq_len`` and ``seed`` params (less device and logging), sorted.  Two finetune runs
+    with equal recipes over different encoders compare the encoders."""
+    return tuple(sorted((k, v) for k, v in run.data.params.items()
+                        if k.startswith(_RECIPE_PREFIXES) and k not in _RECIPE_IGNORED))
+
+
+def massive_scores(run: Run) -> dict[tuple[str, str], float]:
+    """``{(locale, score): value}`` of a finetune run's ``eval/massive/<locale>/<score>`` metrics for
+    the scores in :data:`MASSIVE_SCORES` and their ``<score>_se``; ``locale`` ``"avg"`` is the mean
+    over evaluation locales."""
+    out = {}
+    for key, value in run.data.metrics.items():
+        parts = key.split("/")
+        if len(parts) == 4 and parts[:2] == ["eval", "massive"] and \
+                parts[3].removesuffix("_se") in MASSIVE_SCORES:
+            out[(parts[2], parts[3])] = float(value)
+    return out
+
+
+def finetunes_of(index: RunIndex, encoder_run_id: str) -> dict[tuple[str, bool], list[Run]]:
+    """Finished finetune runs over encoder ``encoder_run_id`` that logged MASSIVE scores, by
+    :func:`finetune_variant`, newest first."""
+    out: dict[tuple[str, bool], list[Run]] = {}
+    for run in reversed(index.consumers(encoder_run_id, "encoder", stage=STAGE_FINETUNE)):
+        if massive_scores(run):
+            out.setdefault(finetune_variant(run), []).append(run)
+    return out
+
+
+def matching_finetune(candidates: Sequence[Run], like: Run) -> Run | None:
+    """The newest of ``candidates`` with the same :func:`finetune_recipe` as ``like``, else None."""
+    recipe = finetune_recipe(like)
+    return next((r for r in candidates if finetune_recipe(r) == recipe), None)
+
+
+def error_change(score: float, baseline_score: float) -> float:
+    """Relative error-rate change of a score against a baseline's, with error = 1 - score:
+    ``(err - err_base) / err_base`` (:func:`atm.metrics.relative_error_change`; AlexaTM, FitzGerald
+    et al. KDD 2022; negative = fewer errors).  NaN where either score is missing (NaN) or the
+    baseline makes no error."""
+    from atm.metrics import relative_error_change
+
+    if math.isnan(score) or math.isnan(baseline_score) or baseline_score >= 1.0:
+        return math.nan
+    return relative_error_change(1.0 - score, 1.0 - baseline_score)
+
+
+def model_size(run: Run) -> tuple[float, float, str]:
+    """``(non_embedding_parameters, parameters, source)`` of an MLM training run.
+
+    From the run's metrics ``cost/non_embedding_parameters`` and ``cost/parameters`` (source
+    ``"logged"``); when absent, the non-embedding count is computed from the ``model.*`` params by
+    :func:`atm.models.encoder.count_parameters` (it does not depend on the vocabulary; the total,
+    which does, is NaN; source ``"params"``).  NaN with source ``""`` when neither is possible.
+    """
+    metrics = run.data.metrics
+    if "cost/non_embedding_parameters" in metrics:
+        return (float(metrics["cost/non_embedding_parameters"]),
+                float(metrics.get("cost/parameters", math.nan)), "logged")
+    preset = {k[len("model."):]: param_value(v) for k, v in run.data.params.items()
+              if k.startswith("model.")}
+    if not preset:
+        return math.nan, float(metrics.get("cost/parameters", math.nan)), ""
+    from atm.models.encoder import PRESET_KEYS, count_parameters
+
+    preset = {k: v for k, v in preset.items() if k in PRESET_KEYS or k == "name"}
+    try:
+        count = count_parameters(preset, vocab_size=1, non_embedding=True)
+    except AtmError:
+        return math.nan, float(metrics.get("cost/parameters", math.nan)), ""
+    return float(count), float(metrics.get("cost/parameters", math.nan)), "params"
+
+
+def human_count(n: float) -> str:
+    """``1234567`` -> ``"1.23M"`` (parameter counts in tables and plot labels)."""
+    if n is None or (isinstance(n, float) and math.isnan(n)):
+        return "nan"
+    for div, unit in ((1e9, "B"), (1e6, "M"), (1e3, "k")):
+        if abs(n) >= div:
+            return f"{n / div:.3g}{unit}"
+    return f"{n:.0f}"
+
+
+def pyplot() -> Any:
+    """``matplotlib.pyplot`` on the non-interactive Agg backend."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def change_bar_axes(ax: Any, labels: Sequence[str], ylabel: str, title: str, fontsize: int = 8) -> None:
+    """Finish the axes of a bar chart of relative changes: zero line, one tick label per bar group,
+    y label, title, grid and legend."""
+    ax.axhline(0, color="black", lw=0.8)
+    ax.set_xticks(range(len(labels)), list(labels), fontsize=fontsize)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=10)
+    ax.grid(True, axis="y", alpha=0.3)
+    ax.legend(fontsize=8)
+
+
+def save_png(fig: Any, path: Path | str) -> Path:
+    """Write a matplotlib figure as a PNG atomically and close it."""
+    try:
+        return atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120))
+    finally:
+        pyplot().close(fig)
+
+
+def publish(
+    args: argparse.Namespace,
+    index: RunIndex,
+    analysis: str,
+    markdown: str,
+    files: Mapping[str, Any],
+    consumed_run_ids: Sequence[str],
+    metrics: Mapping[str, float] | None = None,
+    params: Mapping[str, Any] | None = None,
+) -> str | None:
+    """Print ``markdown``, write ``files`` under ``args.out`` and log them as an analysis run.
+
+    Args:
+        files: file name -> content: ``str`` (text, e.g. the markdown), a DataFrame (CSV) or a
+            matplotlib figure (PNG); each is written atomically.
+        consumed_run_ids: the runs the analysis read (tag ``atm.consumed_run_ids``).
+
+    Returns:
+        The analysis run's id, or None with ``--no-log``.
+    """
+    print(markdown, end="" if markdown.endswith("\n") else "\n")
+    out = Path(args.out)
+    paths = []
+    for name, content in files.items():
+        if isinstance(content, str):
+            paths.append(atomic_write_text(out / name, content))
+        elif hasattr(content, "to_csv"):
+            paths.append(atomic_write_csv(out / name, content))
+        else:
+            paths.append(save_png(content, out / name))
+    print(f"wrote {', '.join(str(p) for p in paths)}", file=sys.stderr)
+    if args.no_log:
+        return None
+    run_id = log_analysis_run(index.client, index.experiment.experiment_id, analysis, consumed_run_ids,
+                              metrics=metrics, params=params, artifacts=paths)
+    print(f"logged analysis run {run_id} to experiment '{index.experiment.name}' at {index.uri}",
+          file=sys.stderr)
     return run_id

@@ -1,24 +1,37 @@
-#!/usr/bin/env python
-"""How well do cheap pretraining probes predict XNLI accuracy?  (ATM, FitzGerald et al. 2022)
+"""How well do cheap pretraining probes predict XNLI accuracy?  (ATM, FitzGerald et al. 2022, Table 3)
 
-Reads the *evaluate* runs of pretraining stages from MLflow (one row per evaluated checkpoint)
-and correlates each probe with ``eval/xnli/avg_accuracy``, pooled over all selected runs:
+Reads the *evaluate* runs of pretraining stages from MLflow (one row per evaluated checkpoint of one
+or more teachers) and correlates each probe with XNLI accuracy, pooled over all selected runs:
 
-* ``eval/perplexity/written``, ``eval/perplexity/spoken`` (lower is better, so a useful probe
-  correlates *negatively*),
-* ``eval/mask_fill/noun_accuracy`` (higher is better).
+* overall, against ``eval/xnli/avg_accuracy``: ``eval/perplexity/written``,
+  ``eval/perplexity/spoken`` (lower is better, so a useful probe correlates *negatively*),
+  ``eval/mask_fill/noun_accuracy`` and ``eval/mask_fill/spoken/slot_accuracy`` (higher is better);
+* per language, against the same language's ``eval/xnli/<lang>/accuracy``:
+  ``eval/perplexity/written/<lang>``, ``eval/perplexity/spoken/<locale>``,
+  ``eval/mask_fill/<lang>/noun_accuracy``, ``eval/mask_fill/spoken/<locale>/slot_accuracy``, where a
+  MASSIVE locale maps to its language (``de-DE`` -> ``de``); pairs without both are left out.
 
-For each probe it reports Pearson r and Spearman rho with their two-sided p-values and the
-number n of checkpoints that have both values.  Outputs (written atomically to ``--out``):
+For each (language, probe) it reports n (checkpoints with both values), Pearson r and Spearman rho
+with two-sided p-values and 95% confidence intervals, both through Fisher's z = artanh(r):
 
-* ``correlations.md``  -- the markdown table also printed on stdout,
-* ``correlations.csv`` -- the same table at full precision,
+* Pearson: ``tanh(z +- z_{0.975} / sqrt(n - 3))`` (Fisher 1921; ``scipy.stats.pearsonr(...)
+  .confidence_interval``);
+* Spearman: ``tanh(z +- z_{0.975} * sqrt((1 + rho^2 / 2) / (n - 3)))``, the variance of Bonett &
+  Wright (2000, "Sample size requirements for estimating Pearson, Kendall and Spearman
+  correlations", Psychometrika 65(1), eq. 2).
+
+With n <= 3 the interval is the whole [-1, 1].  Outputs (written atomically to ``--out``):
+
+* ``correlations.md``  -- the markdown tables also printed on stdout,
+* ``correlations.csv`` -- every row at full precision (with the metric keys and interval ends),
 * ``checkpoints.csv``  -- one row per (evaluate run, checkpoint step), every ``eval/`` metric,
-* ``scatter.png``      -- one panel per probe vs XNLI accuracy, points coloured by run.
+* ``scatter.png``      -- one panel per overall probe vs XNLI accuracy, points coloured by run,
+* ``per_language.png`` -- Pearson r per language and probe (when per-language metrics exist).
 
 They are also logged as artifacts of a new MLflow run tagged ``atm.stage=analysis``,
-``atm.analysis=correlate_xnli``, ``atm.consumed_run_ids=<evaluate run ids>``, with the
-correlations as metrics ``corr/{pearson,pearson_p,spearman,spearman_p,n}/<probe>``.
+``atm.analysis=correlate_xnli``, ``atm.consumed_run_ids=<evaluate run ids>``, with the overall
+correlations as metrics ``corr/{pearson,pearson_lo,pearson_hi,pearson_p,spearman,spearman_lo,
+spearman_hi,spearman_p,n}/<probe>`` and the per-language ones under ``.../<probe>/<lang>``.
 
 Usage (from the repo root)::
 
@@ -33,6 +46,8 @@ one ``error: ...`` line on stderr and exit with status 2.
 from __future__ import annotations
 
 import argparse
+import math
+import re
 import sys
 import warnings
 from collections.abc import Sequence
@@ -43,25 +58,43 @@ _REPO_ROOT = Path(__file__).resolve().parent.parent
 if str(_REPO_ROOT) not in {str(Path(p).resolve()) for p in sys.path if p}:
     sys.path.insert(0, str(_REPO_ROOT))  # `python analysis/correlate_xnli.py` without installing
 
-from analysis import _mlflow_frames as mf  # noqa: E402
-from atm.errors import AtmError  # noqa: E402
+from analysis import _mlflow_frames as mf
+from atm.errors import AtmError
 
 if TYPE_CHECKING:  # pragma: no cover
     import pandas as pd
 
 ANALYSIS_NAME = "correlate_xnli"
 TARGET = "eval/xnli/avg_accuracy"
-#: (short name used in the table and in MLflow metric keys, MLflow metric key)
+#: XNLI accuracy of one language, the target of the per-language correlations.
+LANG_TARGET = "eval/xnli/{lang}/accuracy"
+#: (short name used in the table and in MLflow metric keys, MLflow metric key) of the overall probes.
 PREDICTORS: tuple[tuple[str, str], ...] = (
     ("perplexity_written", "eval/perplexity/written"),
     ("perplexity_spoken", "eval/perplexity/spoken"),
     ("mask_fill_noun_accuracy", "eval/mask_fill/noun_accuracy"),
+    ("mask_fill_slot_accuracy", "eval/mask_fill/spoken/slot_accuracy"),
 )
+#: (short name, pattern of the per-language metric key; ``code`` is a language or MASSIVE locale).
+LANG_PREDICTORS: tuple[tuple[str, re.Pattern], ...] = (
+    ("perplexity_written", re.compile(r"^eval/perplexity/written/(?P<code>[^/]+)$")),
+    ("perplexity_spoken", re.compile(r"^eval/perplexity/spoken/(?P<code>[^/]+)$")),
+    ("mask_fill_noun_accuracy", re.compile(r"^eval/mask_fill/(?P<code>[^/]+)/noun_accuracy$")),
+    ("mask_fill_slot_accuracy", re.compile(r"^eval/mask_fill/spoken/(?P<code>[^/]+)/slot_accuracy$")),
+)
+OVERALL = "all"  # the `language` of the rows against the average XNLI accuracy
 MIN_POINTS = 3
+CONFIDENCE = 0.95
 DEFAULT_OUT = Path("analysis/out/correlate_xnli")
 
 TABLE_COLUMNS = [
-    "scope", "predictor", "n", "pearson_r", "pearson_p", "spearman_rho", "spearman_p",
+    "scope", "language", "predictor", "n", "pearson_r", "pearson_95ci", "pearson_p",
+    "spearman_rho", "spearman_95ci", "spearman_p",
+]
+CSV_COLUMNS = [
+    "scope", "language", "predictor", "metric", "target", "n",
+    "pearson_r", "pearson_lo", "pearson_hi", "pearson_p",
+    "spearman_rho", "spearman_lo", "spearman_hi", "spearman_p", "note",
 ]
 TABLE_FORMATS = {
     "n": "d",
@@ -73,20 +106,13 @@ TABLE_FORMATS = {
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="python analysis/correlate_xnli.py",
-        description="Correlate perplexity and noun mask-filling accuracy with XNLI accuracy "
-        "across evaluated pretraining checkpoints (pooled over runs).",
-    )
-    mf.add_store_args(parser)
-    parser.add_argument(
-        "--run-id",
-        dest="run_ids",
-        action="extend",
-        nargs="+",
-        metavar="RUN_ID",
-        help="evaluate run id(s) to use (repeatable); default: every finished evaluate run of "
-        "a pretraining stage in the experiment",
+    parser = mf.analysis_parser(
+        ANALYSIS_NAME,
+        "Correlate perplexity and mask-filling accuracy with XNLI accuracy (overall and per "
+        "language, with 95% confidence intervals) across evaluated pretraining checkpoints "
+        "(pooled over runs).",
+        "evaluate run id(s) to use (repeatable); default: every finished evaluate run of a "
+        "pretraining stage in the experiment",
     )
     parser.add_argument(
         "--stage",
@@ -98,20 +124,9 @@ def build_parser() -> argparse.ArgumentParser:
         "(default: stages starting with 'pretrain')",
     )
     parser.add_argument(
-        "--out",
-        type=Path,
-        default=DEFAULT_OUT,
-        help=f"output directory, relative to the current directory (default: {DEFAULT_OUT}/)",
-    )
-    parser.add_argument(
         "--per-run",
         action="store_true",
         help="also report correlations within each evaluate run (runs with >= 3 points)",
-    )
-    parser.add_argument(
-        "--no-log",
-        action="store_true",
-        help="do not log the analysis run to MLflow (only write files)",
     )
     return parser
 
@@ -120,11 +135,35 @@ def build_parser() -> argparse.ArgumentParser:
 # statistics
 
 
-def correlate(x: Sequence[float], y: Sequence[float]) -> dict[str, Any]:
-    """Pearson and Spearman correlation of paired values (NaN pairs dropped).
+def fisher_interval(r: float, n: int, se_scale: float = 1.0,
+                    confidence: float = CONFIDENCE) -> tuple[float, float]:
+    """Confidence interval of a correlation through Fisher's z transformation.
 
-    Returns ``{"n", "pearson_r", "pearson_p", "spearman_rho", "spearman_p", "note"}``; the
-    coefficients are NaN (with a note) when n < 3 or an input is constant.
+    ``tanh(artanh(r) +- q * se_scale / sqrt(n - 3))`` with ``q`` the ``(1 + confidence) / 2``
+    normal quantile (Fisher 1921).  ``se_scale = 1`` is Pearson's r; ``sqrt(1 + rho^2 / 2)`` is the
+    Bonett & Wright (2000) standard error factor for Spearman's rho.  ``(-1, 1)`` when n <= 3.
+    """
+    from scipy import stats
+
+    if n <= 3:
+        return -1.0, 1.0
+    q = float(stats.norm.ppf((1.0 + confidence) / 2.0))
+    if abs(r) >= 1.0:  # artanh(+-1) is infinite: the interval collapses onto r
+        return r, r
+    z, half = math.atanh(r), q * se_scale / math.sqrt(n - 3)
+    return math.tanh(z - half), math.tanh(z + half)
+
+
+def correlate(x: Sequence[float], y: Sequence[float], confidence: float = CONFIDENCE,
+              y_name: str = TARGET) -> dict[str, Any]:
+    """Pearson and Spearman correlation of paired values (NaN pairs dropped), with intervals.
+
+    Returns ``{"n", "pearson_r", "pearson_lo", "pearson_hi", "pearson_p", "spearman_rho",
+    "spearman_lo", "spearman_hi", "spearman_p", "note"}``: p-values are two-sided
+    (``scipy.stats.pearsonr`` / ``spearmanr``); the intervals are Fisher-z intervals at
+    ``confidence`` (Pearson: ``pearsonr(...).confidence_interval``; Spearman: Bonett & Wright
+    2000 variance ``(1 + rho^2/2) / (n - 3)``, see :func:`fisher_interval`).  Everything but n is
+    NaN (with a note) when n < 3 or an input is constant.
     """
     import numpy as np
     from scipy import stats
@@ -133,19 +172,18 @@ def correlate(x: Sequence[float], y: Sequence[float]) -> dict[str, Any]:
     y = np.asarray(y, dtype=float)
     ok = ~(np.isnan(x) | np.isnan(y))
     x, y = x[ok], y[ok]
+    nan = float("nan")
     out: dict[str, Any] = {
-        "n": int(len(x)),
-        "pearson_r": float("nan"),
-        "pearson_p": float("nan"),
-        "spearman_rho": float("nan"),
-        "spearman_p": float("nan"),
+        "n": len(x),
+        "pearson_r": nan, "pearson_lo": nan, "pearson_hi": nan, "pearson_p": nan,
+        "spearman_rho": nan, "spearman_lo": nan, "spearman_hi": nan, "spearman_p": nan,
         "note": "",
     }
     if len(x) < MIN_POINTS:
         out["note"] = f"only {len(x)} paired checkpoint(s), need {MIN_POINTS}"
         return out
     if np.ptp(y) == 0:
-        out["note"] = f"{TARGET} is constant ({y[0]:g})"
+        out["note"] = f"{y_name} is constant ({y[0]:g})"
         return out
     if np.ptp(x) == 0:
         out["note"] = "constant predictor"
@@ -154,20 +192,47 @@ def correlate(x: Sequence[float], y: Sequence[float]) -> dict[str, Any]:
         warnings.simplefilter("ignore")
         pr = stats.pearsonr(x, y)
         sr = stats.spearmanr(x, y)
+        p_lo, p_hi = pr.confidence_interval(confidence) if len(x) > 3 else (-1.0, 1.0)
+    rho = float(sr.statistic)
+    s_lo, s_hi = fisher_interval(rho, len(x), math.sqrt(1.0 + rho * rho / 2.0), confidence)
     out.update(
-        pearson_r=float(pr.statistic),
+        pearson_r=float(pr.statistic), pearson_lo=float(p_lo), pearson_hi=float(p_hi),
         pearson_p=float(pr.pvalue),
-        spearman_rho=float(sr.statistic),
-        spearman_p=float(sr.pvalue),
+        spearman_rho=rho, spearman_lo=s_lo, spearman_hi=s_hi, spearman_p=float(sr.pvalue),
     )
     return out
 
 
-def correlation_table(frame: "pd.DataFrame", per_run: bool = False) -> "pd.DataFrame":
-    """Rows (scope, predictor) with n, Pearson r/p and Spearman rho/p against :data:`TARGET`.
+def language_of(code: str) -> str:
+    """The language of a metric's language code or MASSIVE locale: ``de-DE`` -> ``de``."""
+    return code.replace("_", "-").split("-")[0].lower()
 
-    ``scope`` is ``"pooled"`` for all checkpoints together, else the evaluate run's name/id.
-    Predictors never logged by any selected run are left out.
+
+def pairs(columns: Sequence[str]) -> list[tuple[str, str, str, str]]:
+    """``(language, predictor, metric key, target key)`` for every probe the frame has: the overall
+    probes against :data:`TARGET` (language :data:`OVERALL`), then each per-language probe whose
+    language has an XNLI accuracy column, sorted by language."""
+    present = set(columns)
+    out = [(OVERALL, short, key, TARGET) for short, key in PREDICTORS if key in present]
+    per_lang = []
+    for short, pattern in LANG_PREDICTORS:
+        for key in columns:
+            match = pattern.match(key)
+            if not match or match["code"] == "spoken":
+                continue
+            target = LANG_TARGET.format(lang=language_of(match["code"]))
+            if target in present:
+                per_lang.append((match["code"], short, key, target))
+    return out + sorted(per_lang)
+
+
+def correlation_table(frame: pd.DataFrame, per_run: bool = False) -> pd.DataFrame:
+    """Rows (scope, language, predictor) with n, Pearson r and Spearman rho, their p-values and
+    95% intervals (:func:`correlate`), in :data:`CSV_COLUMNS` order.
+
+    ``scope`` is ``"pooled"`` for all checkpoints together, else the evaluate run's name/id;
+    ``language`` is ``"all"`` for the probes against the average XNLI accuracy.  Probes never
+    logged by any selected run are left out; per-run rows need at least 3 points.
     """
     import pandas as pd
 
@@ -176,21 +241,19 @@ def correlation_table(frame: "pd.DataFrame", per_run: bool = False) -> "pd.DataF
         for run_id, sub in frame.groupby("eval_run_id", sort=False):
             name = sub["eval_run_name"].iloc[0]
             scopes.append((f"{name} ({run_id[:8]})" if name else run_id, sub))
+    found = pairs(list(frame.columns))
     rows = []
     for scope, sub in scopes:
-        for short, key in PREDICTORS:
-            if key not in frame.columns:
-                continue
-            stats_ = correlate(sub[key], sub[TARGET])
+        for language, short, key, target in found:
+            stats_ = correlate(sub[key], sub[target], y_name=target)
             if scope != "pooled" and stats_["n"] < MIN_POINTS:
                 continue
-            rows.append({"scope": scope, "predictor": short, "metric": key, **stats_})
-    return pd.DataFrame(
-        rows, columns=TABLE_COLUMNS[:2] + ["metric"] + TABLE_COLUMNS[2:] + ["note"]
-    )
+            rows.append({"scope": scope, "language": language, "predictor": short, "metric": key,
+                         "target": target, **stats_})
+    return pd.DataFrame(rows, columns=CSV_COLUMNS)
 
 
-def check_enough_points(frame: "pd.DataFrame", n_runs: int) -> None:
+def check_enough_points(frame: pd.DataFrame, n_runs: int) -> None:
     n_target = int(frame[TARGET].notna().sum()) if TARGET in frame.columns else 0
     if n_target < MIN_POINTS:
         raise AtmError(
@@ -209,12 +272,25 @@ def check_enough_points(frame: "pd.DataFrame", n_runs: int) -> None:
 # output
 
 
-def render_table(table: "pd.DataFrame", header: str) -> str:
-    shown = table[TABLE_COLUMNS]
-    return f"{header}\n\n{mf.format_markdown_table(shown, TABLE_FORMATS)}\n"
+def _interval(lo: float, hi: float) -> str:
+    return "nan" if math.isnan(lo) else f"[{lo:.3f}, {hi:.3f}]"
 
 
-def _run_labels(frame: "pd.DataFrame") -> dict[str, str]:
+def render_table(table: pd.DataFrame, header: str) -> str:
+    shown = table.copy()
+    shown["pearson_95ci"] = [_interval(lo, hi) for lo, hi in zip(shown["pearson_lo"], shown["pearson_hi"])]
+    shown["spearman_95ci"] = [_interval(lo, hi) for lo, hi in zip(shown["spearman_lo"], shown["spearman_hi"])]
+    overall = shown["language"] == OVERALL
+    parts = [f"{header}\n\n{mf.format_markdown_table(shown[overall][TABLE_COLUMNS], TABLE_FORMATS)}\n"]
+    if (~overall).any():
+        parts.append(
+            "\nPer language (each probe against the same language's eval/xnli/<lang>/accuracy):\n\n"
+            f"{mf.format_markdown_table(shown[~overall][TABLE_COLUMNS], TABLE_FORMATS)}\n"
+        )
+    return "".join(parts)
+
+
+def _run_labels(frame: pd.DataFrame) -> dict[str, str]:
     labels = {}
     for run_id, sub in frame.groupby("eval_run_id", sort=False):
         first = sub.iloc[0]
@@ -224,14 +300,10 @@ def _run_labels(frame: "pd.DataFrame") -> dict[str, str]:
     return labels
 
 
-def plot_scatter(frame: "pd.DataFrame", table: "pd.DataFrame", path: Path) -> None:
-    """One panel per predictor (x) vs XNLI average accuracy (y), coloured by evaluate run."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    pooled = table[table["scope"] == "pooled"].reset_index(drop=True)
+def plot_scatter(frame: pd.DataFrame, table: pd.DataFrame) -> Any:
+    """One panel per overall probe (x) vs XNLI average accuracy (y), coloured by evaluate run."""
+    plt = mf.pyplot()
+    pooled = table[(table["scope"] == "pooled") & (table["language"] == OVERALL)].reset_index(drop=True)
     n_panels = len(pooled)
     fig, axes = plt.subplots(1, n_panels, figsize=(4.6 * n_panels, 4.2), squeeze=False)
     labels = _run_labels(frame)
@@ -250,8 +322,8 @@ def plot_scatter(frame: "pd.DataFrame", table: "pd.DataFrame", path: Path) -> No
         ax.set_title(row["predictor"])
         ax.grid(True, alpha=0.3)
         text = (
-            f"r = {row['pearson_r']:.3f} (p = {row['pearson_p']:.2g})\n"
-            f"ρ = {row['spearman_rho']:.3f} (p = {row['spearman_p']:.2g})\n"
+            f"r = {row['pearson_r']:.3f} {_interval(row['pearson_lo'], row['pearson_hi'])}\n"
+            f"ρ = {row['spearman_rho']:.3f} {_interval(row['spearman_lo'], row['spearman_hi'])}\n"
             f"n = {row['n']}"
         )
         # Put the box in a corner the trend leaves empty: upper left for a rising cloud,
@@ -268,19 +340,38 @@ def plot_scatter(frame: "pd.DataFrame", table: "pd.DataFrame", path: Path) -> No
         fig.tight_layout(rect=(0, 0.06 * rows_needed, 1, 1))
     else:
         fig.tight_layout()
-    mf.atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120))
-    plt.close(fig)
+    return fig
 
 
-def mlflow_metrics(table: "pd.DataFrame") -> dict[str, float]:
+def plot_per_language(table: pd.DataFrame) -> Any:
+    """Heat map of pooled Pearson r, one row per language (or locale), one column per probe."""
+    import numpy as np
+
+    plt = mf.pyplot()
+    sub = table[(table["scope"] == "pooled") & (table["language"] != OVERALL)]
+    grid = sub.pivot_table(index="language", columns="predictor", values="pearson_r", aggfunc="first",
+                           dropna=False)
+    fig, ax = plt.subplots(figsize=(1.8 + 1.9 * grid.shape[1], 1.2 + 0.38 * grid.shape[0]))
+    image = ax.imshow(grid.to_numpy(dtype=float), cmap="RdBu_r", vmin=-1, vmax=1, aspect="auto")
+    ax.set_xticks(range(grid.shape[1]), [c.replace("_", "\n", 1) for c in grid.columns], fontsize=8)
+    ax.set_yticks(range(grid.shape[0]), list(grid.index), fontsize=8)
+    for (i, j), value in np.ndenumerate(grid.to_numpy(dtype=float)):
+        ax.text(j, i, "nan" if np.isnan(value) else f"{value:.2f}", ha="center", va="center", fontsize=7)
+    fig.colorbar(image, ax=ax, label="Pearson r with the language's XNLI accuracy")
+    ax.set_title("per-language correlation with XNLI accuracy")
+    fig.tight_layout()
+    return fig
+
+
+def mlflow_metrics(table: pd.DataFrame) -> dict[str, float]:
+    names = {"pearson": "pearson_r", "pearson_lo": "pearson_lo", "pearson_hi": "pearson_hi",
+             "pearson_p": "pearson_p", "spearman": "spearman_rho", "spearman_lo": "spearman_lo",
+             "spearman_hi": "spearman_hi", "spearman_p": "spearman_p", "n": "n"}
     out: dict[str, float] = {}
     for _, row in table[table["scope"] == "pooled"].iterrows():
-        p = row["predictor"]
-        out[f"corr/pearson/{p}"] = row["pearson_r"]
-        out[f"corr/pearson_p/{p}"] = row["pearson_p"]
-        out[f"corr/spearman/{p}"] = row["spearman_rho"]
-        out[f"corr/spearman_p/{p}"] = row["spearman_p"]
-        out[f"corr/n/{p}"] = float(row["n"])
+        suffix = row["predictor"] if row["language"] == OVERALL else f"{row['predictor']}/{row['language']}"
+        for name, column in names.items():
+            out[f"corr/{name}/{suffix}"] = float(row[column])
     return out
 
 
@@ -289,8 +380,8 @@ def mlflow_metrics(table: "pd.DataFrame") -> dict[str, float]:
 
 
 def _run(args: argparse.Namespace) -> int:
-    client, uri = mf.connect(args.tracking_uri)
-    experiment = mf.get_experiment(client, mf.resolve_experiment_name(args.experiment), uri)
+    index = mf.RunIndex.open(args)
+    client, uri, experiment = index.client, index.uri, index.experiment
     if args.run_ids:
         runs = mf.get_evaluate_runs(client, args.run_ids, uri)
         if args.stages:
@@ -309,63 +400,59 @@ def _run(args: argparse.Namespace) -> int:
     frame = mf.metric_history_frame(client, runs, prefix="eval/")
     check_enough_points(frame, len(runs))
     table = correlation_table(frame, per_run=args.per_run)
-    for _, row in table.iterrows():
+    overall = table["language"] == OVERALL
+    for _, row in table[overall].iterrows():
         if row["note"]:
             print(f"warning: {row['scope']} {row['predictor']}: {row['note']}; "
                   "correlation left as nan", file=sys.stderr)
-    if table[table["scope"] == "pooled"]["pearson_r"].isna().all():
+    undefined = table[~overall & (table["note"] != "")]
+    if len(undefined):
+        print(f"warning: {len(undefined)} of {int((~overall).sum())} per-language correlations left as "
+              f"nan (e.g. {undefined.iloc[0]['language']} {undefined.iloc[0]['predictor']}: "
+              f"{undefined.iloc[0]['note']})", file=sys.stderr)
+    pooled = table[(table["scope"] == "pooled") & overall]
+    if pooled["pearson_r"].isna().all():
         raise AtmError(
-            "no predictor could be correlated with "
-            f"{TARGET}: "
+            f"no predictor could be correlated with {TARGET}: "
             + "; ".join(f"{r['predictor']}: {r['note']}"
-                        for _, r in table[table["scope"] == "pooled"].iterrows())
+                        for _, r in pooled.iterrows())
         )
 
     n_points = int(frame[TARGET].notna().sum())
     header = (
         f"Correlation with {TARGET} over {n_points} checkpoints of {len(runs)} evaluate "
-        f"run(s) in experiment '{experiment.name}' (pooled across runs)"
+        f"run(s) in experiment '{experiment.name}' (pooled across runs; 95% intervals by "
+        "Fisher's z, Spearman with the Bonett-Wright variance)"
     )
     rendered = render_table(table, header)
-    print(rendered, end="")
-
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    paths = {
-        "md": mf.atomic_write_text(out / "correlations.md", rendered),
-        "corr_csv": mf.atomic_write_csv(out / "correlations.csv", table),
-        "frame_csv": mf.atomic_write_csv(out / "checkpoints.csv", frame),
-        "png": out / "scatter.png",
+    files: dict[str, Any] = {
+        "correlations.md": rendered,
+        "correlations.csv": table,
+        "checkpoints.csv": frame,
+        "scatter.png": plot_scatter(frame, table),
     }
-    plot_scatter(frame, table, paths["png"])
-    print(f"wrote {', '.join(str(p) for p in paths.values())}", file=sys.stderr)
-
-    if not args.no_log:
-        run_id = mf.log_analysis_run(
-            client,
-            experiment.experiment_id,
-            ANALYSIS_NAME,
-            consumed_run_ids=[r.info.run_id for r in runs],
-            metrics=mlflow_metrics(table),
-            params={
-                "target": TARGET,
-                "predictors": ",".join(k for _, k in PREDICTORS),
-                "n_runs": len(runs),
-                "n_checkpoints": n_points,
-                "selection": "run_ids" if args.run_ids else "search",
-                "stages": ",".join(args.stages) if args.stages else "pretrain*",
-            },
-            artifacts=list(paths.values()),
-        )
-        print(f"logged analysis run {run_id} to experiment '{experiment.name}' at {uri}",
-              file=sys.stderr)
+    if (~overall).any():
+        files["per_language.png"] = plot_per_language(table)
+    mf.publish(
+        args, index, ANALYSIS_NAME, rendered, files,
+        consumed_run_ids=[r.info.run_id for r in runs],
+        metrics=mlflow_metrics(table),
+        params={
+            "target": TARGET,
+            "predictors": ",".join(k for _, k in PREDICTORS),
+            "n_runs": len(runs),
+            "n_checkpoints": n_points,
+            "confidence": CONFIDENCE,
+            "selection": "run_ids" if args.run_ids else "search",
+            "stages": ",".join(args.stages) if args.stages else "pretrain*",
+        },
+    )
     return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """CLI entry point; returns the exit status (0 ok, 2 user error)."""
-    args = build_parser().parse_args(argv)
-    return mf.run_main(lambda: _run(args))
+    return mf.cli(build_parser, _run, argv)
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import fcntl
 from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
@@ -84,7 +85,16 @@ CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 
 @contextmanager
 def _lock(cfg: DictConfig, name: str) -> Iterator[None]:
-    """An exclusive file lock under ``tracking.cache_dir/locks`` (blocks until free)."""
+    """An exclusive lock named ``name`` (blocks until free): in a sweep whose Optuna storage is PostgreSQL,
+    an advisory lock in that database (workers on several machines, see :mod:`atm.sweeps.locks`); else a
+    file lock under ``tracking.cache_dir/locks`` (one machine, or a shared filesystem with POSIX locks)."""
+    storage = _SWEEP_STORAGE.get()
+    if storage and str(storage).startswith("postgresql"):
+        from atm.sweeps.locks import storage_lock
+
+        with storage_lock(str(storage), f"atm/lineage/{name}"):
+            yield
+        return
     path = Path(cfg.tracking.cache_dir) / "locks" / f"{name}.lock"
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w") as handle:
@@ -96,13 +106,21 @@ def _lock(cfg: DictConfig, name: str) -> Iterator[None]:
 
 
 Trainer = Callable[[DictConfig, "dict[str, Input]", str], str]
+# The Optuna storage of the sweep trial whose inputs are being resolved (inputs of inputs included).
+_SWEEP_STORAGE: ContextVar[str | None] = ContextVar("atm_sweep_storage", default=None)
 
 
 def resolve_inputs(cfg: DictConfig, experiment_id: str, train: Trainer) -> dict[str, Input]:
     """Resolve every role in ``cfg.stage.inputs``, and those of ``cfg.stage.optional_inputs`` that are set
     (see :func:`resolve`)."""
     roles = list(cfg.stage.inputs) + [r for r in cfg.stage.get("optional_inputs", []) if cfg.get(r) is not None]
-    return {role: resolve(role, cfg, experiment_id, train) for role in roles}
+    storage = cfg.optuna.get("storage") if cfg.get("optuna") else None
+    token = _SWEEP_STORAGE.set(str(storage)) if storage else None
+    try:
+        return {role: resolve(role, cfg, experiment_id, train) for role in roles}
+    finally:
+        if token is not None:
+            _SWEEP_STORAGE.reset(token)
 
 
 def run_hash(cfg: DictConfig, inputs: dict[str, Input]) -> str:

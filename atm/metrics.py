@@ -28,15 +28,16 @@ if TYPE_CHECKING:  # pragma: no cover
     import torch
 
 __all__ = [
-    "perplexity",
-    "masked_lm_nll",
-    "intent_accuracy",
-    "slot_precision_recall_f1",
-    "slot_f1",
     "exact_match",
+    "intent_accuracy",
     "mask_fill_accuracy",
-    "standard_error",
+    "masked_lm_nll",
+    "perplexity",
     "relative_error_change",
+    "slot_f1",
+    "slot_precision_recall_f1",
+    "standard_error",
+    "to_bio",
 ]
 
 IGNORE_INDEX = -100
@@ -139,7 +140,7 @@ def perplexity(total_nll: float, n_tokens: int) -> float:
 
 
 def masked_lm_nll(
-    logits: "torch.Tensor", labels: "torch.Tensor", ignore_index: int = IGNORE_INDEX
+    logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = IGNORE_INDEX
 ) -> tuple[float, int]:
     """Summed token NLL (nats) and the number of scored tokens, for :func:`perplexity`.
 
@@ -223,6 +224,33 @@ def _flatten(values: list) -> list:
 # NLU (MASSIVE)
 
 
+def to_bio(labels: Sequence[str], outside: str = "Other") -> list[str]:
+    """MASSIVE's per-word slot labels -> BIO tags (``convert_to_bio`` of alexa/massive's training utils).
+
+    The Hugging Face release of MASSIVE labels every word with its slot type, or ``outside`` (``"Other"``)
+    for words outside any slot; a run of equal slot types is one span. ``["Other", "date", "date",
+    "time"]`` -> ``["O", "B-date", "I-date", "B-time"]``.
+
+    Args:
+        labels: one label per word (may be empty).
+        outside: the label of words outside every slot.
+
+    Raises:
+        AtmError: a label is not a string.
+    """
+    out: list[str] = []
+    previous = outside
+    for i, label in enumerate(_as_list(labels, "labels")):
+        if not isinstance(label, str):
+            raise AtmError(f"labels[{i}] must be a slot label string, got {label!r}")
+        if label == outside:
+            out.append("O")
+        else:
+            out.append(("I-" if label == previous else "B-") + label)
+        previous = label
+    return out
+
+
 def intent_accuracy(pred: Sequence[str | int], gold: Sequence[str | int]) -> float:
     """Intent classification accuracy: fraction of utterances with ``pred[i] == gold[i]``.
 
@@ -242,6 +270,7 @@ def slot_precision_recall_f1(
     *,
     zero_division: int = 0,
     strict: bool = False,
+    outside: str | None = None,
 ) -> tuple[float, float, float]:
     """Span-level micro precision, recall and F1 of BIO slot tags, computed by ``seqeval``.
 
@@ -252,6 +281,9 @@ def slot_precision_recall_f1(
             at all); seqeval's own default ``"warn"`` also returns 0 but warns.
         strict: ``False`` (default, as MASSIVE) uses seqeval's conlleval-compatible mode in which
             a stray ``I-x`` opens a span; ``True`` uses strict IOB2 (``mode="strict"``).
+        outside: ``None`` (default): the tags are BIO tags. A label name (MASSIVE: ``"Other"``): the
+            tags are MASSIVE's per-word slot types with this label outside slots, converted by
+            :func:`to_bio` first.
 
     Returns:
         ``(precision, recall, f1)`` as floats in ``[0, 1]``; a span counts as correct only if its
@@ -261,6 +293,8 @@ def slot_precision_recall_f1(
 
     pred, gold = _check_tag_sequences(pred_tags, gold_tags)
     _check_nonempty(gold, "gold_tags")
+    if outside is not None:
+        pred, gold = [to_bio(t, outside) for t in pred], [to_bio(t, outside) for t in gold]
     kwargs: dict[str, Any] = {"average": "micro", "zero_division": zero_division}
     if strict:
         from seqeval.metrics import f1_score, precision_score, recall_score
@@ -282,13 +316,14 @@ def slot_f1(
     *,
     zero_division: int = 0,
     strict: bool = False,
+    outside: str | None = None,
 ) -> float:
     """Slot-filling micro-F1 over BIO tags, ``seqeval.metrics.f1_score`` (MASSIVE's slot metric).
 
     See :func:`slot_precision_recall_f1` for the arguments; returns a float in ``[0, 1]``.
     """
     return slot_precision_recall_f1(
-        pred_tags, gold_tags, zero_division=zero_division, strict=strict
+        pred_tags, gold_tags, zero_division=zero_division, strict=strict, outside=outside
     )[2]
 
 

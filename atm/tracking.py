@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import tempfile
 from contextlib import contextmanager
@@ -41,7 +42,7 @@ CHECKPOINTS = "checkpoints"
 
 # Keys that say where and how a run is recorded, not what it trains: left out of the hash.
 _UNHASHED = ("data.mirror", "data.dir", "trainer.device", "trainer.log_every", "stage.objective",
-             "distill.cache.dir")
+             "distill.cache.dir", "trainer.state_every", "trainer.state_dir", "trainer.keep_last", "trainer.resume")
 
 
 def tracking_uri(cfg: DictConfig | None = None) -> str:
@@ -59,12 +60,55 @@ def configure(cfg: DictConfig) -> str:
     import mlflow
 
     uri = tracking_uri(cfg)
+    if uri.startswith(("http://", "https://")):
+        probe_server(uri, cfg.tracking.experiment)
     mlflow.set_tracking_uri(uri)
     try:
         experiment = mlflow.set_experiment(cfg.tracking.experiment)
     except Exception as err:  # mlflow raises many types for an unreachable or broken store
         raise AtmError(f"tracking store {uri} is not usable: {str(err).splitlines()[0]}") from err
     return experiment.experiment_id
+
+
+#: MLflow HTTP settings for :func:`probe_server`: one attempt, 10 s timeout. MLflow's defaults (7 retries,
+#: exponential back-off) take minutes to give up on a server that is down.
+_PROBE_ENV = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
+_ERRNO = re.compile(r"\[Errno -?\d+\][^)\"']*")
+
+
+def probe_server(uri: str, experiment: str) -> None:
+    """Check that the tracking server at ``uri`` answers and accepts this client's credentials
+    (``MLFLOW_TRACKING_USERNAME``/``MLFLOW_TRACKING_PASSWORD`` or ``MLFLOW_TRACKING_TOKEN``), with one
+    short request (get experiment ``experiment`` by name) and no retries, before any stage work.
+
+    Raises:
+        AtmError: one line naming ``uri``: unreachable (connection refused, unknown host, timeout),
+            credentials rejected (HTTP 401/403), or another error answer.
+    """
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    saved = {key: os.environ.get(key) for key in _PROBE_ENV}
+    os.environ.update(_PROBE_ENV)
+    try:
+        MlflowClient(uri).get_experiment_by_name(experiment)
+    except MlflowException as err:
+        text = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        status = err.get_http_status_code()
+        if err.error_code in ("UNAUTHENTICATED", "PERMISSION_DENIED"):
+            raise AtmError(f"tracking server {uri} rejected the request ({err.error_code}, HTTP {status}): "
+                           "check MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD") from err
+        if "failed with exception" in text or "timeout" in text:
+            reason = _ERRNO.search(text)
+            raise AtmError(f"tracking server {uri} is not reachable ({reason.group(0).strip() if reason else text}):"
+                           " start it, or fix tracking.uri / MLFLOW_TRACKING_URI") from err
+        raise AtmError(f"tracking server {uri} is not usable: {text}") from err
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
 
 
 def flatten(cfg: DictConfig | Mapping, prefix: str = "") -> dict[str, Any]:
@@ -129,31 +173,71 @@ def find_finished_run(experiment_id: str, stage: str, hash_: str) -> str | None:
     return runs[0].info.run_id if runs else None
 
 
-def sweep_parent(experiment_id: str, study_name: str, storage: str | None) -> str:
-    """Get or create the parent run of the sweep ``study_name``; return its run id."""
+def find_resumable_run(experiment_id: str, stage: str, hash_: str, has_state) -> str | None:
+    """The newest unfinished (RUNNING, FAILED or KILLED) top-level run of ``stage`` with config hash ``hash_``
+    for which ``has_state(run_id)`` is true (a training state on disk that no live process holds), or None."""
     from mlflow.tracking import MlflowClient
 
+    runs = MlflowClient().search_runs(
+        [experiment_id],
+        filter_string=(f"tags.`{TAG_STAGE}` = '{stage}' and tags.`{TAG_HASH}` = '{hash_}' "
+                       "and attributes.status != 'FINISHED'"),
+        order_by=["attributes.start_time DESC"], max_results=20)
+    for run in runs:
+        if "mlflow.parentRunId" not in run.data.tags and has_state(run.info.run_id):
+            return run.info.run_id
+    return None
+
+
+def sweep_parent(experiment_id: str, study_name: str, storage: str | None) -> str:
+    """Get or create the parent run of the sweep ``study_name``; return its run id.
+
+    Race-free across processes and machines: the lookup and the creation happen under a lock in the Optuna
+    storage's database (:func:`atm.sweeps.locks.storage_lock`), so workers sharing a study share one parent.
+    """
+    from mlflow.tracking import MlflowClient
+
+    from atm.sweeps.locks import storage_lock
+
     client = MlflowClient()
-    runs = client.search_runs([experiment_id], filter_string=f"tags.`{TAG_SWEEP_PARENT}` = '{study_name}'",
-                              order_by=["attributes.start_time ASC"], max_results=1)
-    if runs:
-        return runs[0].info.run_id
-    run = client.create_run(experiment_id, run_name=f"sweep/{study_name}",
-                            tags={TAG_SWEEP_PARENT: study_name, TAG_SWEEP: study_name,
-                                  TAG_STAGE: "sweep", "optuna.storage": storage or ""})
+    with storage_lock(storage, f"atm/sweep_parent/{study_name}"):
+        runs = client.search_runs([experiment_id], filter_string=f"tags.`{TAG_SWEEP_PARENT}` = '{study_name}'",
+                                  order_by=["attributes.start_time ASC"], max_results=1)
+        if runs:
+            return runs[0].info.run_id
+        run = client.create_run(experiment_id, run_name=f"sweep/{study_name}",
+                                tags={TAG_SWEEP_PARENT: study_name, TAG_SWEEP: study_name,
+                                      TAG_STAGE: "sweep", "optuna.storage": storage or ""})
     return run.info.run_id
 
 
-def record_trial(parent_run_id: str, trial_number: int, run_id: str, value: float | None) -> None:
+def record_trial(parent_run_id: str, trial_number: int, run_id: str,
+                 value: float | tuple[float | None, ...] | None) -> None:
     """Log a finished trial on its sweep's parent run: ``sweep/objective`` at step = trial number, and
-    the best trial so far (direction from the Optuna study named in the parent's tags) as tags."""
+    the best trial so far (direction from the Optuna study named in the parent's tags) as tags. A
+    multi-objective trial (a tuple) logs ``sweep/objective_<i>`` only: its Pareto front is in the sweep
+    report. The read-compare-write of the best tags holds the sweep's storage lock (several workers)."""
     import optuna
     from mlflow.tracking import MlflowClient
+
+    from atm.sweeps.locks import storage_lock
 
     client = MlflowClient()
     if value is None:
         return
+    if isinstance(value, tuple):
+        for i, v in enumerate(value):
+            if v is not None:
+                client.log_metric(parent_run_id, f"sweep/objective_{i}", float(v), step=trial_number)
+        client.set_terminated(parent_run_id, "FINISHED")
+        return
     client.log_metric(parent_run_id, "sweep/objective", float(value), step=trial_number)
+    tags = client.get_run(parent_run_id).data.tags
+    with storage_lock(tags.get("optuna.storage") or None, f"atm/sweep_parent/{tags[TAG_SWEEP]}"):
+        _record_best(client, optuna, parent_run_id, trial_number, run_id, float(value))
+
+
+def _record_best(client, optuna, parent_run_id: str, trial_number: int, run_id: str, value: float) -> None:
     parent = client.get_run(parent_run_id)
     direction = parent.data.tags.get("optuna.direction")
     if direction is None:
@@ -173,12 +257,14 @@ def record_trial(parent_run_id: str, trial_number: int, run_id: str, value: floa
 
 @contextmanager
 def start_run(cfg: DictConfig, hash_: str, consumed: Mapping[str, str | None],
-              parent_run_id: str | None = None, extra_tags: Mapping[str, str] | None = None) -> Iterator[Any]:
+              parent_run_id: str | None = None, extra_tags: Mapping[str, str] | None = None,
+              run_id: str | None = None) -> Iterator[Any]:
     """Start the MLflow run of this job: params, resolved YAML, lineage tags; FAILED on exceptions.
 
     Args:
         consumed: role -> run id each input resolved to (None for a path input).
         parent_run_id: the sweep's parent run, for a trial.
+        run_id: reopen this existing run (resuming it) instead of creating one.
     """
     import mlflow
 
@@ -186,10 +272,11 @@ def start_run(cfg: DictConfig, hash_: str, consumed: Mapping[str, str | None],
             TAG_CONSUMED: ",".join(r for r in consumed.values() if r)}
     tags.update({f"{TAG_INPUT}{role}": rid or "path" for role, rid in consumed.items()})
     tags.update(extra_tags or {})
-    with mlflow.start_run(run_name=run_name(cfg), parent_run_id=parent_run_id, nested=parent_run_id is not None,
-                          tags=tags) as run:
+    with mlflow.start_run(run_id=run_id, run_name=run_name(cfg), parent_run_id=parent_run_id,
+                          nested=parent_run_id is not None, tags=tags) as run:
         params = flatten(cfg)
-        items = list(params.items())
+        logged = run.data.params if run_id else {}  # a resumed run keeps its params (MLflow cannot change one)
+        items = [(k, v) for k, v in params.items() if k not in logged]
         for i in range(0, len(items), 100):  # MLflow's batch limit
             mlflow.log_params({k: str(v)[:6000] for k, v in items[i:i + 100]})
         mlflow.log_text(OmegaConf.to_yaml(cfg, resolve=True), "config.yaml")
@@ -206,7 +293,8 @@ def log_checkpoint(local_dir: Path, artifact_path: str = CHECKPOINT) -> None:
 def download(run_id: str, artifact_path: str, cache_dir: str | Path) -> Path:
     """Download (once) an artifact directory of a run into ``cache_dir/<run_id>/<artifact_path>``.
 
-    The copy is made in a temporary directory and renamed, so an interrupted download leaves nothing.
+    The copy is made in a temporary directory and renamed, so an interrupted download leaves nothing; when
+    another process (a parallel sweep worker) renamed its copy first, that one is used.
 
     Raises:
         AtmError: the run or the artifact does not exist.
@@ -220,7 +308,11 @@ def download(run_id: str, artifact_path: str, cache_dir: str | Path) -> Path:
     tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".download-"))
     try:
         local = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=artifact_path, dst_path=str(tmp))
-        os.replace(local, target)
+        try:
+            os.replace(local, target)
+        except OSError:
+            if not target.is_dir():
+                raise
     except Exception as err:
         raise AtmError(f"cannot download artifact '{artifact_path}' of run {run_id}: "
                        f"{str(err).splitlines()[0]}") from err

@@ -16,8 +16,8 @@ import pytest
 from scipy import stats
 
 mlflow = pytest.importorskip("mlflow")
-from mlflow import MlflowClient  # noqa: E402
-from mlflow.entities import Metric  # noqa: E402
+from mlflow import MlflowClient
+from mlflow.entities import Metric
 
 REPO = Path(__file__).resolve().parent.parent
 SCRIPT = REPO / "analysis" / "correlate_xnli.py"
@@ -147,7 +147,7 @@ def _parse_table(stdout: str) -> dict[str, dict[str, str]]:
     rows = {}
     for ln in lines[2:]:
         cells = dict(zip(header, (c.strip() for c in ln.strip("|").split("|"))))
-        if cells["scope"] == "pooled":
+        if cells["scope"] == "pooled" and cells["language"] == "all":
             rows[cells["predictor"]] = cells
     return rows
 
@@ -158,7 +158,7 @@ def test_end_to_end_subprocess(store, tmp_path):
     proc = subprocess.run(
         [sys.executable, "analysis/correlate_xnli.py", "--tracking-uri", store["uri"],
          "--out", str(out)],
-        cwd=REPO, env=_env(), capture_output=True, text=True, timeout=120,
+        cwd=REPO, env=_env(), capture_output=True, text=True, check=False, timeout=120,
     )
     assert proc.returncode == 0, proc.stderr
     assert time.time() - t0 < 60
@@ -190,7 +190,26 @@ def test_end_to_end_subprocess(store, tmp_path):
     x = np.array([r["eval/perplexity/written"] for r in pooled])
     got = corr.set_index("predictor").loc["perplexity_written"]
     assert got["pearson_r"] == pytest.approx(stats.pearsonr(x, y).statistic, abs=1e-12)
-    assert (out / "correlations.md").read_text().count("| pooled") == 3
+    # 3 probes against the XNLI average + en and de noun mask-filling against their own XNLI accuracy
+    assert (out / "correlations.md").read_text().count("| pooled") == 5
+    n = 14
+    for short, key in PREDICTORS.items():  # Fisher-z intervals, written out by hand
+        xs = np.array([r[key] for r in pooled])
+        row = corr[(corr["predictor"] == short) & (corr["language"] == "all")].iloc[0]
+        r, rho = stats.pearsonr(xs, y).statistic, stats.spearmanr(xs, y).statistic
+        half = 1.959963984540054 / math.sqrt(n - 3)
+        assert (row["pearson_lo"], row["pearson_hi"]) == (
+            pytest.approx(math.tanh(math.atanh(r) - half)), pytest.approx(math.tanh(math.atanh(r) + half)))
+        half_s = half * math.sqrt(1 + rho ** 2 / 2)  # Bonett & Wright (2000)
+        assert (row["spearman_lo"], row["spearman_hi"]) == (
+            pytest.approx(math.tanh(math.atanh(rho) - half_s)), pytest.approx(math.tanh(math.atanh(rho) + half_s)))
+        assert f"[{row['pearson_lo']:.3f}, {row['pearson_hi']:.3f}]" in proc.stdout
+    # per language: de noun mask-filling against de XNLI accuracy (not the average)
+    de = corr[(corr["language"] == "de") & (corr["predictor"] == "mask_fill_noun_accuracy")].iloc[0]
+    x_de = [r["eval/mask_fill/de/noun_accuracy"] for r in pooled]
+    y_de = [r["eval/xnli/de/accuracy"] for r in pooled]
+    assert de["target"] == "eval/xnli/de/accuracy" and de["n"] == 14
+    assert de["pearson_r"] == pytest.approx(stats.pearsonr(x_de, y_de).statistic, abs=1e-12)
     png = (out / "scatter.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n"
     from PIL import Image
@@ -213,7 +232,9 @@ def test_end_to_end_subprocess(store, tmp_path):
         float(stats.pearsonr(x, y).statistic), abs=1e-12)
     assert run.data.metrics["corr/n/perplexity_written"] == 14
     names = {a.path for a in client.list_artifacts(run.info.run_id)}
-    assert names == {"correlations.md", "correlations.csv", "checkpoints.csv", "scatter.png"}
+    assert names == {"correlations.md", "correlations.csv", "checkpoints.csv", "scatter.png", "per_language.png"}
+    assert run.data.metrics["corr/pearson/mask_fill_noun_accuracy/de"] == pytest.approx(de["pearson_r"])
+    assert run.data.metrics["corr/pearson_lo/perplexity_written"] < run.data.metrics["corr/pearson/perplexity_written"]
 
 
 def test_empty_store_subprocess(tmp_path):
@@ -221,7 +242,7 @@ def test_empty_store_subprocess(tmp_path):
     MlflowClient(tracking_uri=uri).search_experiments()  # initialise an empty store
     proc = subprocess.run(
         [sys.executable, str(SCRIPT), "--tracking-uri", uri, "--out", str(tmp_path / "o")],
-        cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=120,
+        cwd=tmp_path, env=_env(), capture_output=True, text=True, check=False, timeout=120,
     )
     assert proc.returncode == 2
     assert proc.stderr.count("\n") == 1 and proc.stderr.startswith("error: ")
@@ -243,7 +264,7 @@ def _main(capsys, *argv):
 
 
 def test_unknown_run_id(store, capsys, tmp_path):
-    rc, out, err = _main(capsys, "--tracking-uri", store["uri"], "--run-id", "0" * 32,
+    rc, _, err = _main(capsys, "--tracking-uri", store["uri"], "--run-id", "0" * 32,
                          "--out", str(tmp_path / "o"), "--no-log")
     assert rc == 2
     assert err == f"error: run id '{'0' * 32}' not found at {store['uri']}\n"
@@ -294,13 +315,31 @@ def test_explicit_run_ids_per_run_no_log(store, capsys, tmp_path):
                          "--per-run", "--no-log", "--out", str(tmp_path / "o"))
     assert rc == 0, err
     rows = [ln for ln in out.splitlines() if ln.startswith("| evaluate-pretrain-700M")]
-    assert len(rows) == 3
+    assert len(rows) == 5  # 3 overall probes + 2 per-language ones
     data = store["data"][first]
     x = [r["eval/perplexity/spoken"] for r in data]
     y = [r[TARGET] for r in data]
     corr = pd.read_csv(tmp_path / "o" / "correlations.csv")
-    pooled = corr[(corr["scope"] == "pooled") & (corr["predictor"] == "perplexity_spoken")]
+    pooled = corr[(corr["scope"] == "pooled") & (corr["predictor"] == "perplexity_spoken")
+                  & (corr["language"] == "all")]
     assert pooled["spearman_rho"].iloc[0] == pytest.approx(stats.spearmanr(x, y).statistic)
     assert pooled["n"].iloc[0] == 8
     after = len(client.search_runs([store["exp_id"]], "tags.\"atm.stage\" = 'analysis'"))
     assert after == before
+
+
+def test_intervals_cover_the_true_correlation():
+    """On 200 draws of a bivariate normal with correlation 0.6 both 95% intervals contain 0.6 (and the
+    population Spearman correlation, 6/pi * arcsin(0.6 / 2) = 0.5829), and they narrow as n grows."""
+    module = _load_script()
+    rng = np.random.default_rng(7)
+    xy = rng.multivariate_normal([0, 0], [[1, 0.6], [0.6, 1]], size=200)
+    wide = module.correlate(xy[:20, 0], xy[:20, 1])
+    out = module.correlate(xy[:, 0], xy[:, 1])
+    assert out["pearson_lo"] < 0.6 < out["pearson_hi"]
+    rho_s = 6 / math.pi * math.asin(0.3)
+    assert out["spearman_lo"] < rho_s < out["spearman_hi"]
+    assert out["pearson_hi"] - out["pearson_lo"] < wide["pearson_hi"] - wide["pearson_lo"]
+    # n = 3: a correlation but no information about its interval
+    three = module.correlate([1.0, 2.0, 3.0], [1.0, 3.0, 2.0])
+    assert (three["pearson_lo"], three["pearson_hi"], three["spearman_lo"], three["spearman_hi"]) == (-1, 1, -1, 1)

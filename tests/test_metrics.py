@@ -20,6 +20,7 @@ from atm.metrics import (
     slot_f1,
     slot_precision_recall_f1,
     standard_error,
+    to_bio,
 )
 
 # ---------------------------------------------------------------------------------------------
@@ -108,6 +109,34 @@ def test_slot_f1_stray_inside_tag_lenient_vs_strict():
     pred = [["I-a", "I-a"]]  # no B-: conlleval mode still reads one span "a" over both words
     assert slot_f1(pred, gold) == 1.0 == f1_score(gold, pred)
     assert slot_f1(pred, gold, strict=True) == 0.0
+
+
+def test_to_bio_converts_massive_flat_labels():
+    # alexa/massive's HF release: one slot type per word, "Other" outside; a run of one type is one span
+    assert to_bio(["Other", "date", "date", "time", "Other", "date"]) == [
+        "O", "B-date", "I-date", "B-time", "O", "B-date"]
+    assert to_bio([]) == []
+    assert to_bio(["O", "x", "O"], outside="O") == ["O", "B-x", "O"]
+    with pytest.raises(AtmError, match=r"labels\[1\] must be a slot label string"):
+        to_bio(["Other", 3])
+
+
+def test_slot_f1_with_other_label_matches_seqeval_on_bio():
+    gold = [["Other", "date", "date", "Other", "place_name"], [], ["Other", "Other"]]
+    pred = [["Other", "date", "Other", "Other", "place_name"], [], ["Other", "time"]]
+    # gold spans: date(1-2), place_name(4); predicted: date(1) (wrong boundary), place_name(4), time(1)
+    # -> TP 1, P 1/3, R 1/2, F1 = 2 * (1/3 * 1/2) / (1/3 + 1/2) = 0.4
+    assert slot_f1(pred, gold, outside="Other") == pytest.approx(0.4, abs=1e-12)
+    bio_gold, bio_pred = [to_bio(t) for t in gold], [to_bio(t) for t in pred]
+    assert slot_f1(pred, gold, outside="Other") == pytest.approx(f1_score(bio_gold, bio_pred), abs=1e-12)
+    assert slot_precision_recall_f1(pred, gold, outside="Other") == pytest.approx((1 / 3, 1 / 2, 0.4))
+
+
+def test_empty_slot_sequences_count_for_exact_match_not_for_f1():
+    # two utterances without words (no slots), one with a span
+    gold_t, pred_t = [[], [], ["B-a", "I-a"]], [[], [], ["B-a", "I-a"]]
+    assert slot_f1(pred_t, gold_t) == 1.0 == f1_score(gold_t, pred_t)
+    assert exact_match(["x", "y", "z"], ["x", "q", "z"], pred_t, gold_t) == pytest.approx(2 / 3)
 
 
 def test_slot_f1_accepts_tuples():

@@ -8,6 +8,7 @@ from itertools import islice
 
 import pytest
 import torch
+from conftest import MIRROR as DATA
 from omegaconf import OmegaConf
 
 from atm.errors import AtmError
@@ -32,7 +33,6 @@ from atm.models import (
     word_predictions,
 )
 
-from conftest import MIRROR as DATA  # noqa: E402
 SLURP_LM = DATA / "slurp" / "dataset" / "lm" / "lm.txt.gz"
 TINY = ["teacher_tiny", "teacher_small", "intermediate_tiny", "student_tiny"]
 PAPER = ["student_17m", "student_170m", "teacher_700m", "teacher_2b", "teacher_9b"]
@@ -332,3 +332,31 @@ def test_pair_classifier(mlm_dir, tok, tmp_path):
         assert torch.equal(model(**enc).logits, loaded(**enc).logits)
     with pytest.raises(AtmError, match="labels has 2 names but num_labels=3"):
         build_pair_classifier(mlm, 3, labels=["yes", "no"])
+
+
+# ------------------------------------------------------------------------------------ intent layer
+
+
+def test_joint_intent_layer_pools_the_chosen_hidden_state(mlm_dir, batch, tmp_path, tok):
+    mlm = load_mlm(mlm_dir)
+    n_layers = mlm.config.num_hidden_layers
+    for layer in (0, 1, -2, n_layers):
+        model = JointIntentSlotModel.from_encoder(mlm, INTENTS, SLOTS, pooling="mean", intent_layer=layer).eval()
+        with torch.no_grad():
+            out = model(**batch)
+            states = model.roberta_prelayernorm(**batch, output_hidden_states=True).hidden_states
+        m = batch["attention_mask"].unsqueeze(-1).float()
+        pooled = (states[layer] * m).sum(1) / m.sum(1)  # mean over real tokens of hidden state `layer`
+        assert torch.allclose(out.intent_logits, model.intent_classifier(pooled), atol=1e-6), layer
+        assert torch.allclose(out.slot_logits, model.slot_classifier(states[-1]), atol=1e-6)  # slots: last layer
+    # -1 and L are the same (last) layer; the embeddings (0) give other logits
+    last = JointIntentSlotModel.from_encoder(mlm, INTENTS, SLOTS, intent_layer=-1).eval()
+    emb = JointIntentSlotModel.from_encoder(mlm, INTENTS, SLOTS, intent_layer=0).eval()
+    emb.load_state_dict(last.state_dict())
+    with torch.no_grad():
+        assert not torch.allclose(last(**batch).intent_logits, emb(**batch).intent_logits)
+    save_checkpoint(emb, tok, tmp_path / "emb")
+    assert load_joint_model(tmp_path / "emb").config.intent_layer == 0
+    for bad in (n_layers + 1, -(n_layers + 2), 1.5, True):
+        with pytest.raises(AtmError, match=rf"intent_layer must be an integer index into the {n_layers + 1} hidden"):
+            JointIntentSlotModel.from_encoder(mlm, INTENTS, SLOTS, intent_layer=bad)

@@ -288,8 +288,16 @@ def spoken_corpus(max_lines_per_source: int | None = None, seed: int = 0) -> lis
 
 
 def _heldout(sources: list[_Source], cap: int | None, seed: int) -> list[TextLine]:
-    groups, _ = _filter(sources, _fetch_all(sources), exclude=frozenset(), dedup=False)
-    return _cap(groups, cap, seed)
+    """The capped held-out lines of ``sources``; memoised per process and data location, because
+    in-training evaluation (pruning reports) asks for the same lines many times."""
+    return list(_heldout_memo(tuple(sources), cap, seed, data_dir(), mirror_dir()))
+
+
+@functools.lru_cache(maxsize=16)
+def _heldout_memo(sources: tuple[_Source, ...], cap: int | None, seed: int, _data_dir: Path,
+                  _mirror: Path | None) -> tuple[TextLine, ...]:
+    groups, _ = _filter(list(sources), _fetch_all(sources), exclude=frozenset(), dedup=False)
+    return tuple(_cap(groups, cap, seed))
 
 
 def heldout_written(max_lines_per_lang: int | None = None, seed: int = 0) -> list[TextLine]:

@@ -1,28 +1,47 @@
 """The one training loop: every stage (MLM pretraining, distillation, fine-tuning) calls :func:`fit`.
 
-Plain PyTorch: AdamW (no weight decay on biases and LayerNorm weights), linear warm-up then linear
-decay, gradient clipping, optional bf16 autocast, metrics to the active MLflow run every
-``trainer.log_every`` steps, a progress bar, and callbacks after every step.
+AdamW (no weight decay on biases and LayerNorm weights), linear warm-up then linear decay, gradient
+accumulation (``trainer.grad_accum_steps``) and clipping, optional bf16 autocast, activation
+checkpointing, metrics to the active MLflow run every ``trainer.log_every`` steps, a progress bar, and
+callbacks after every step. Two backends (``trainer.backend``): ``torch`` (plain PyTorch, one process) and
+``deepspeed`` (:mod:`atm.engine.deepspeed`: ZeRO 0-3, bf16/fp16, one or many processes). With a state
+directory ``fit`` writes a resumable training state every ``trainer.state_every`` steps and continues from
+the newest one it finds there (:mod:`atm.engine.state`).
 """
 
 from __future__ import annotations
 
 import math
 import time
-from typing import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any
 
 import torch
 from omegaconf import DictConfig
 from tqdm.auto import tqdm
 
+from atm.engine import state as S
+from atm.errors import AtmError
+
+BACKENDS = ("torch", "deepspeed")
+PRECISIONS = ("fp32", "bf16", "fp16")
+
 LossFn = Callable[[dict, int], "tuple[torch.Tensor, dict[str, float]]"]
 
 
 def device_for(trainer_cfg: DictConfig) -> torch.device:
-    """``trainer.device``: ``auto`` picks CUDA when available, else CPU."""
+    """``trainer.device``: ``auto`` picks CUDA when available, else CPU. Under a launcher (``LOCAL_RANK``
+    set) each process of a node gets its own GPU, ``cuda:<LOCAL_RANK>``."""
+    import os
+
     name = trainer_cfg.device
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and "LOCAL_RANK" in os.environ:
+        name = f"cuda:{int(os.environ['LOCAL_RANK'])}"
+        torch.cuda.set_device(name)
     return torch.device(name)
 
 
@@ -40,19 +59,125 @@ def make_optimizer(module: torch.nn.Module, cfg: DictConfig) -> torch.optim.Opti
                               {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr)
 
 
+def check_trainer(cfg: DictConfig) -> None:
+    """Config-time checks of the ``trainer`` config (before inputs are resolved or anything trains).
+
+    Raises:
+        AtmError: unknown backend or precision, fp16 without DeepSpeed, ``grad_accum_steps`` < 1, several
+            processes with the torch backend, DeepSpeed config problems (:func:`atm.engine.deepspeed.check`).
+    """
+    from atm.engine import deepspeed as D
+
+    backend = cfg.get("backend", "torch")
+    if backend not in BACKENDS:
+        raise AtmError(f"trainer.backend={backend!r} must be one of {', '.join(BACKENDS)}")
+    if cfg.precision not in PRECISIONS:
+        raise AtmError(f"trainer.precision={cfg.precision!r} must be one of {', '.join(PRECISIONS)}")
+    if int(cfg.get("grad_accum_steps", 1)) < 1:
+        raise AtmError(f"trainer.grad_accum_steps={cfg.grad_accum_steps} must be at least 1")
+    if backend == "torch":
+        if cfg.precision == "fp16":
+            raise AtmError("trainer.precision=fp16 needs loss scaling: use trainer=deepspeed (or bf16)")
+        if D.world()[1] > 1:
+            raise AtmError(f"{D.world()[1]} processes need trainer=deepspeed (trainer.backend=torch trains in one)")
+    else:
+        D.check(cfg)
+
+
+def enable_activation_checkpointing(module: torch.nn.Module) -> int:
+    """Recompute activations in the backward pass (Chen et al. 2016) in every Hugging Face model inside
+    ``module`` (``gradient_checkpointing_enable``); returns how many models were switched."""
+    count = 0
+    for sub in module.modules():
+        if getattr(sub, "supports_gradient_checkpointing", False) and hasattr(sub, "gradient_checkpointing_enable"):
+            sub.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            count += 1
+    return count
+
+
+class TorchBackend:
+    """``fit``'s optimiser side in plain PyTorch, one process: gradients of ``grad_accum_steps``
+    micro-batches are summed (each loss divided by their number), then clipped, stepped, zeroed."""
+
+    rank, world_size = 0, 1
+
+    def __init__(self, module: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler, cfg: DictConfig):
+        self.module, self.optimizer, self.scheduler = module, optimizer, scheduler
+        self.device = next(module.parameters()).device
+        self.accum, self.clip = int(cfg.get("grad_accum_steps", 1)), cfg.grad_clip
+
+    def backward(self, loss: torch.Tensor) -> None:
+        (loss / self.accum).backward()
+
+    def micro_step(self) -> None:
+        """Gradients accumulate in ``.grad`` between micro-batches."""
+
+    def step(self) -> None:
+        if self.clip:
+            torch.nn.utils.clip_grad_norm_(self.module.parameters(), self.clip)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def mean(self, values: list[float]) -> list[float]:
+        return values
+
+    def gather(self, obj: Any) -> list[Any]:
+        return [obj]
+
+    def broadcast(self, obj: Any) -> Any:
+        return obj
+
+    def optimizer_state(self) -> dict:
+        return {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()}
+
+    def load_optimizer_state(self, state: dict) -> None:
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+
+    def describe(self) -> dict[str, float]:
+        return {}
+
+
+def make_backend(module: torch.nn.Module, cfg: DictConfig):
+    """The backend named by ``trainer.backend`` over AdamW and the linear warm-up/decay schedule
+    (:class:`TorchBackend` or :class:`atm.engine.deepspeed.DeepSpeedBackend`)."""
+    from transformers import get_linear_schedule_with_warmup
+
+    check_trainer(cfg)
+    optimizer = make_optimizer(module, cfg)
+    scheduler = get_linear_schedule_with_warmup(optimizer, min(cfg.warmup_steps, cfg.max_steps), cfg.max_steps)
+    if cfg.get("backend", "torch") == "deepspeed":
+        from atm.engine.deepspeed import DeepSpeedBackend
+
+        return DeepSpeedBackend(module, optimizer, scheduler, cfg)
+    return TorchBackend(module, optimizer, scheduler, cfg)
+
+
 def fit(module: torch.nn.Module, stream: Iterator[dict], loss_fn: LossFn, cfg: DictConfig, *,
         callbacks: Sequence[Callable[[int], None]] = (), desc: str = "train",
-        metric_prefix: str = "train", log_metrics: bool = True) -> dict[str, float]:
+        metric_prefix: str = "train", log_metrics: bool = True,
+        state_dir: str | Path | None = None) -> dict[str, float]:
     """Train ``module`` for ``cfg.max_steps`` optimiser steps on batches from ``stream``.
 
     Args:
         module: everything trained (e.g. a student plus its projections); already on its device.
-        stream: endless iterator of CPU batches (dicts of tensors); moved to the module's device here.
+        stream: endless iterator of CPU batches (dicts of tensors); moved to the module's device here. With
+            several processes it must have ``shard(rank, world_size)``, and to resume ``state_dict()`` /
+            ``load_state_dict()`` (:class:`atm.data.collate.BatchStream` has both).
         loss_fn: ``(batch, step) -> (scalar loss, {part name: float})``; ``step`` counts from 1.
-        cfg: the ``trainer`` config (max_steps, lr, weight_decay, warmup_steps, grad_clip, precision,
-            log_every, save_every).
+        cfg: the ``trainer`` config (max_steps, batch_size, grad_accum_steps, lr, weight_decay,
+            warmup_steps, grad_clip, precision, backend, deepspeed, activation_checkpointing, log_every,
+            state_every, keep_last).
         callbacks: each called with the step number after every optimiser step (checkpointing,
-            evaluation, teacher switching).
+            evaluation, teacher switching, pruning); their exceptions propagate. A callback with
+            ``state_dict()``/``load_state_dict()`` has its state saved and restored with the training state.
+        state_dir: where this run's resumable states live (:func:`atm.engine.state.run_state_dir`); None:
+            no state. ``fit`` resumes from the newest state there, and writes one every
+            ``cfg.state_every`` steps and after the last step. Only rank 0 writes and logs.
+
+    Each optimiser step consumes ``grad_accum_steps`` micro-batches of ``batch_size`` on each of the
+    ``world_size`` processes. The logged loss of a step is the mean over its micro-batches and ranks.
 
     Returns:
         ``{"<prefix>/loss": mean loss of the last logging window, "<prefix>/step": steps,
@@ -60,48 +185,120 @@ def fit(module: torch.nn.Module, stream: Iterator[dict], loss_fn: LossFn, cfg: D
 
     Raises:
         FloatingPointError: the loss became NaN or infinite.
+        AtmError: bad trainer config (:func:`check_trainer`); an unreadable state (:func:`atm.engine.state.load`);
+            a state of a different number of processes; the run is being trained by another process.
     """
     import mlflow
-    from transformers import get_linear_schedule_with_warmup
 
-    device = next(module.parameters()).device
-    optimizer = make_optimizer(module, cfg)
-    scheduler = get_linear_schedule_with_warmup(optimizer, min(cfg.warmup_steps, cfg.max_steps), cfg.max_steps)
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16")
-    module.train()
-    window: dict[str, float] = {}
-    window_steps, samples, start = 0, 0, time.perf_counter()
-    last: dict[str, float] = {}
-    progress = tqdm(range(1, cfg.max_steps + 1), desc=desc, leave=False, mininterval=2.0)
-    for step in progress:
-        batch = to_device(next(stream), device)
-        with autocast:
-            loss, parts = loss_fn(batch, step)
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"{desc}: loss is {loss.item()} at step {step}")
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if cfg.grad_clip:
-            torch.nn.utils.clip_grad_norm_(module.parameters(), cfg.grad_clip)
-        optimizer.step()
-        scheduler.step()
-        samples += int(batch["input_ids"].shape[0])
-        window_steps += 1
-        for name, value in {"loss": loss.item(), **parts}.items():
-            window[name] = window.get(name, 0.0) + float(value)
-        if step % cfg.log_every == 0 or step == cfg.max_steps:
-            last = {f"{metric_prefix}/{k}": v / window_steps for k, v in window.items()}
-            last[f"{metric_prefix}/lr"] = scheduler.get_last_lr()[0]
-            if log_metrics:
-                mlflow.log_metrics(last, step=step)
-            progress.set_postfix(loss=f"{last[f'{metric_prefix}/loss']:.3f}")
-            window, window_steps = {}, 0
-        for callback in callbacks:
-            callback(step)
-    seconds = time.perf_counter() - start
+    backend = make_backend(module, cfg)
+    module, device, main = backend.module, backend.device, backend.rank == 0
+    if cfg.get("activation_checkpointing"):
+        enable_activation_checkpointing(module)
+    if backend.world_size > 1:
+        if not hasattr(stream, "shard"):
+            raise AtmError(f"{desc}: {backend.world_size} processes need a shardable batch stream")
+        stream.shard(backend.rank, backend.world_size)
+    log_metrics = log_metrics and main
+    accum = int(cfg.get("grad_accum_steps", 1))
+    use_autocast = cfg.precision == "bf16" and isinstance(backend, TorchBackend)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_autocast)
+    run_dir = Path(state_dir) if state_dir is not None else None
+    progress_state = {"step": 0, "window": {}, "window_steps": 0, "samples": 0, "seconds": 0.0, "last": {}}
+    with S.claim(run_dir) if run_dir is not None and main else nullcontext():
+        if run_dir is not None:
+            _resume(run_dir, backend, stream, callbacks, progress_state)
+        if log_metrics and backend.describe():
+            mlflow.log_metrics(backend.describe(), step=progress_state["step"])
+        module.train()
+        window, window_steps = progress_state["window"], progress_state["window_steps"]
+        samples, last = progress_state["samples"], progress_state["last"]
+        start = time.perf_counter() - progress_state["seconds"]
+        first = progress_state["step"] + 1
+        progress = tqdm(range(first, cfg.max_steps + 1), desc=desc, leave=False, mininterval=2.0,
+                        initial=first - 1, total=cfg.max_steps, **({} if main else {"disable": True}))
+        for step in progress:
+            sums: dict[str, float] = {}
+            for _ in range(accum):
+                batch = to_device(next(stream), device)
+                with autocast:
+                    loss, parts = loss_fn(batch, step)
+                if not torch.isfinite(loss):
+                    raise FloatingPointError(f"{desc}: loss is {loss.item()} at step {step}")
+                backend.backward(loss)
+                backend.micro_step()
+                samples += int(batch["input_ids"].shape[0]) * backend.world_size
+                for name, value in {"loss": loss.item(), **parts}.items():
+                    sums[name] = sums.get(name, 0.0) + float(value) / accum
+            backend.step()
+            names = sorted(sums)  # every rank reports the same parts
+            for name, value in zip(names, backend.mean([sums[n] for n in names])):
+                window[name] = window.get(name, 0.0) + value
+            window_steps += 1
+            if step % cfg.log_every == 0 or step == cfg.max_steps:
+                last = {f"{metric_prefix}/{k}": v / window_steps for k, v in window.items()}
+                last[f"{metric_prefix}/lr"] = backend.scheduler.get_last_lr()[0]
+                if log_metrics:
+                    mlflow.log_metrics(last, step=step)
+                progress.set_postfix(loss=f"{last[f'{metric_prefix}/loss']:.3f}")
+                window, window_steps = {}, 0
+            for callback in callbacks:
+                callback(step)
+            every = cfg.get("state_every")
+            if run_dir is not None and every and (step % every == 0 or step == cfg.max_steps):
+                _save(run_dir, step, backend, stream, callbacks, cfg,
+                      {"window": window, "window_steps": window_steps, "samples": samples,
+                       "seconds": time.perf_counter() - start, "last": last})
+        seconds = time.perf_counter() - start
     totals = {f"{metric_prefix}/step": float(cfg.max_steps), f"{metric_prefix}/seconds": seconds,
               f"{metric_prefix}/samples_per_second": samples / max(seconds, 1e-9)}
     if log_metrics:
         mlflow.log_metrics(totals, step=cfg.max_steps)
     module.eval()
     return {f"{metric_prefix}/loss": last.get(f"{metric_prefix}/loss", math.nan), **totals}
+
+
+def _stateful(callbacks: Sequence[Callable]) -> dict[str, Any]:
+    return {str(i): c for i, c in enumerate(callbacks) if hasattr(c, "state_dict") and hasattr(c, "load_state_dict")}
+
+
+def _save(run_dir: Path, step: int, backend, stream, callbacks, cfg: DictConfig, progress: dict) -> None:
+    """Write the training state after ``step`` (rank 0; every rank contributes its RNG state)."""
+    rng = backend.gather(S.capture_rng())
+    optimizer = backend.optimizer_state()  # collective with ZeRO 1-2: every rank takes part
+    if backend.rank != 0:
+        return
+    trainer_state = {"step": step, "world_size": backend.world_size, "rng": rng,
+                     "data": stream.state_dict() if hasattr(stream, "state_dict") else None,
+                     "callbacks": {k: c.state_dict() for k, c in _stateful(callbacks).items()},
+                     **optimizer, **progress}
+    S.save(run_dir, step, backend.module.state_dict(), trainer_state, cfg.get("keep_last"), backend.world_size)
+
+
+def _resume(run_dir: Path, backend, stream, callbacks, progress: dict) -> None:
+    """Load the newest state of ``run_dir`` (read and verified on rank 0, sent to every rank) into the
+    module, optimizer, scheduler, data stream, callbacks, RNGs and ``progress``; nothing if none."""
+    loaded = None
+    if backend.rank == 0:
+        found = S.latest(run_dir)
+        loaded = S.load(found) if found is not None else None
+    loaded = backend.broadcast(loaded)
+    if loaded is None:
+        return
+    model_state, trainer_state, _ = loaded
+    if int(trainer_state["world_size"]) != backend.world_size:
+        raise AtmError(f"training state {run_dir}/step-{trainer_state['step']:06d} was written by "
+                       f"{trainer_state['world_size']} processes, this run has {backend.world_size}: "
+                       "restart with the same number")
+    if trainer_state["data"] is None or not hasattr(stream, "load_state_dict"):
+        raise AtmError(f"training state {run_dir}: the batch stream cannot resume (no data position)")
+    backend.module.load_state_dict(model_state)
+    backend.load_optimizer_state(trainer_state)
+    try:
+        stream.load_state_dict(trainer_state["data"])
+    except ValueError as err:
+        raise AtmError(f"training state {run_dir}: {err}") from None
+    for key, callback in _stateful(callbacks).items():
+        if key in trainer_state["callbacks"]:
+            callback.load_state_dict(trainer_state["callbacks"][key])
+    S.restore_rng(trainer_state["rng"][backend.rank])
+    progress.update({k: trainer_state[k] for k in ("step", "window", "window_steps", "samples", "seconds", "last")})

@@ -115,6 +115,9 @@ class JointIntentSlotConfig(RobertaPreLayerNormConfig):
         slot_loss_coef: weight of the slot loss, ``loss = intent_ce + slot_loss_coef * slot_ce``.
         pooling: sentence vector for the intent head: ``"first"`` (the ``<s>`` token), ``"mean"`` or
             ``"max"`` over non-padding tokens.
+        intent_layer: which hidden layer the intent head pools, an index into the encoder's
+            ``hidden_states`` (``L + 1`` entries, embeddings first): ``-1`` (default) is the last layer,
+            ``0`` the embeddings, ``-2`` the layer below the last. The slot head always reads the last layer.
         freeze_encoder: train only the two heads (encoder parameters get ``requires_grad=False``).
     """
 
@@ -126,6 +129,7 @@ class JointIntentSlotConfig(RobertaPreLayerNormConfig):
     slot_labels: list[str] | None = None
     slot_loss_coef: float = 1.0
     pooling: str = "first"
+    intent_layer: int = -1
     freeze_encoder: bool = False
 
     def __post_init__(self, **kwargs):
@@ -151,10 +155,16 @@ class JointIntentSlotConfig(RobertaPreLayerNormConfig):
         self.slot_loss_coef = float(self.slot_loss_coef)
         if not isinstance(self.freeze_encoder, bool):
             raise AtmError(f"freeze_encoder must be true or false, got {self.freeze_encoder!r}")
+        n_states = self.num_hidden_layers + 1
+        layer = self.intent_layer
+        if isinstance(layer, bool) or not isinstance(layer, int) or not -n_states <= layer < n_states:
+            raise AtmError(f"intent_layer must be an integer index into the {n_states} hidden states "
+                           f"(embeddings + {self.num_hidden_layers} layers: {-n_states}..{n_states - 1}), "
+                           f"got {layer!r}")
 
 
 # Fields a caller may set through JointIntentSlotModel.from_encoder(**opts).
-_JOINT_OPTS = ("slot_loss_coef", "pooling", "freeze_encoder", "classifier_dropout", "hidden_dropout_prob",
+_JOINT_OPTS = ("slot_loss_coef", "pooling", "intent_layer", "freeze_encoder", "classifier_dropout", "hidden_dropout_prob",
                "attention_probs_dropout_prob")
 
 
@@ -184,8 +194,9 @@ class JointIntentSlotOutput(ModelOutput):
 class JointIntentSlotModel(RobertaPreLayerNormPreTrainedModel):
     """Intent classification + slot filling over one pre-LN RoBERTa encoder.
 
-    Architecture: ``encoder -> last hidden states h [B, T, H]``; intent logits = ``Linear(dropout(
-    pool(h)))`` with ``pool`` from ``config.pooling``; slot logits = ``Linear(dropout(h))`` per token.
+    Architecture: ``encoder -> hidden states``; with ``h_k [B, T, H]`` the layer ``config.intent_layer``
+    (default the last) and ``h [B, T, H]`` the last layer, intent logits = ``Linear(dropout(pool(h_k)))``
+    with ``pool`` from ``config.pooling`` and slot logits = ``Linear(dropout(h))`` per token.
     The encoder submodule is called ``roberta_prelayernorm`` like in every transformers pre-LN RoBERTa
     model, so encoder weights keep the same names as in the MLM checkpoint.
     """
@@ -250,6 +261,10 @@ class JointIntentSlotModel(RobertaPreLayerNormPreTrainedModel):
         Returns:
             :class:`JointIntentSlotOutput`; ``loss`` is ``None`` without labels.
         """
+        n_states = self.config.num_hidden_layers + 1
+        from_last = self.config.intent_layer % n_states == n_states - 1
+        if not from_last:
+            kwargs["output_hidden_states"] = True
         encoder_kwargs = dict(
             input_ids=input_ids,
             attention_mask=attention_mask,
@@ -267,7 +282,8 @@ class JointIntentSlotModel(RobertaPreLayerNormPreTrainedModel):
         hidden = out.last_hidden_state  # [B, T, H]
         if attention_mask is None:
             attention_mask = torch.ones(hidden.shape[:2], dtype=torch.long, device=hidden.device)
-        pooled = self._pool(hidden, attention_mask)  # [B, H]
+        intent_hidden = hidden if from_last else out.hidden_states[self.config.intent_layer]
+        pooled = self._pool(intent_hidden, attention_mask)  # [B, H]
         intent_logits = self.intent_classifier(self.dropout(pooled))  # [B, n_intents]
         slot_logits = self.slot_classifier(self.dropout(hidden))  # [B, T, n_slots]
 
@@ -316,7 +332,7 @@ class JointIntentSlotModel(RobertaPreLayerNormPreTrainedModel):
             mlm_model_or_path: ``RobertaPreLayerNormForMaskedLM`` (or any pre-LN RoBERTa model with a
                 ``roberta_prelayernorm`` encoder), or a checkpoint directory (:func:`load_mlm`).
             intent_labels / slot_labels: label names; their order defines the class ids.
-            opts: any of ``slot_loss_coef``, ``pooling``, ``freeze_encoder``, ``classifier_dropout``,
+            opts: any of ``slot_loss_coef``, ``pooling``, ``intent_layer``, ``freeze_encoder``, ``classifier_dropout``,
                 ``hidden_dropout_prob``, ``attention_probs_dropout_prob``.
 
         Raises:

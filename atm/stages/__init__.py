@@ -61,8 +61,10 @@ STAGES = {s.name: s for s in (
     Stage("distill_intermediate", "atm.stages.distill:run", (*_MODEL, "distill", "augment"),
           check="atm.stages.distill:check"),
     Stage("distill_final", "atm.stages.distill:run", (*_MODEL, "distill", "augment"), check="atm.stages.distill:check"),
-    Stage("finetune", "atm.stages.finetune:run", ("trainer", "data", "finetune")),
-    Stage("distill_task", "atm.stages.distill_task:run", ("trainer", "data", "finetune", "distill"), check="atm.stages.distill_task:check"),
+    Stage("finetune", "atm.stages.finetune:run", ("trainer", "data", "finetune"), check="atm.stages.finetune:check"),
+    Stage("distill_task", "atm.stages.distill_task:run", ("trainer", "data", "finetune", "distill", "eval"),
+          check="atm.stages.distill_task:check"),
+    Stage("finetune_xnli", "atm.stages.finetune_xnli:run", ("trainer", "data", "eval")),
     Stage("evaluate", "atm.stages.evaluate:run", ("data", "eval"), artifact="evaluation"),
 )}
 

@@ -12,10 +12,17 @@ Config (``hydra/sweeper: atm_optuna``)::
         study_name: distill_sweep        # default: hydra.job.name
         storage: sqlite:///optuna.db     # default; relative SQLite paths -> launch directory
         direction: minimize              # or maximize, or a list for multi-objective
+        objectives: null                 # multi-objective: one metric name per direction (-> jobs)
         n_trials: 40                     # target number of finished trials in the study
         n_jobs: 1                        # trials per launcher batch
         load_if_exists: true             # resume the study if it exists
         sampler: {name: tpe, seed: 0, n_startup_trials: 10}   # tpe | random | grid (+ kwargs)
+        pruner: {name: median, report_every: 50, n_startup_trials: 5}   # none | median | percentile |
+                                         # successive_halving | hyperband | threshold (+ kwargs)
+        heartbeat_interval: 10           # seconds; null: no heartbeat (no retry of dead workers' trials)
+        grace_period: 30                 # a RUNNING trial without heartbeat this long is failed ...
+        max_retry: 2                     # ... and retried with the same params (null: forever; 0: never)
+        report: atm.sweeps.report:report # module:function(study=, sweep_dir=, config=) at the end; null
         params:
           distill.logit_loss: choice(soft_ce, kl, mse)
           distill.temperature: interval(1.0, 8.0)
@@ -80,15 +87,28 @@ them; several params: all must hold)::
   int ``range()``/``interval()`` can never take; conditions that contradict each other through
   a chain of conditional params.
 
-Sweep loop: the study is created or loaded; the sweeper runs ``n_trials - finished`` trials
-(finished = COMPLETE or PRUNED trials already in the study), ``n_jobs`` per launcher batch, asking
-Optuna for each trial and telling it the job's return value (a float, or a sequence of floats for
-a multi-objective study). A job that raises is recorded FAIL (``optuna.TrialPruned`` -> PRUNED)
+Sweep loop: the study is created or loaded; the sweeper runs at most ``n_trials - finished``
+trials (finished = COMPLETE or PRUNED trials already in the study), ``n_jobs`` per launcher batch,
+asking Optuna for each trial and telling it the job's return value (a float, or a sequence of floats
+for a multi-objective study). A job that raises is recorded FAIL (``optuna.TrialPruned`` -> PRUNED)
 and the sweep goes on; a job returning None, NaN or a non-number is recorded FAIL with a warning.
 If *every* trial of the run fails, the sweep ends with an error (non-zero exit). With a ``seed``,
-the sampler is seeded with ``seed + number of trials already in the study`` so that a resumed
-random/TPE sweep does not replay the same samples. At the end ``optimization_results.yaml``
-(best trial number, value, params) is written to the sweep dir and the best trial is logged.
+the sampler is seeded with ``seed + number of trials in the study`` before each ask, so that a
+resumed random/TPE sweep does not replay the same samples and two workers never sample alike. At
+the end ``optimization_results.yaml`` (best trial number, value, params) is written to the sweep
+dir, the best trial is logged, and the ``report`` hook runs (atm's: plots, trials CSV, Pareto
+front, logged on the MLflow parent run; a failing report only warns).
+
+Several workers (the same command in several processes or on several machines, one RDB storage)
+share the study and its budget: under a lock in the storage's database (PostgreSQL advisory lock,
+SQLite file lock; :mod:`atm.sweeps.locks`) a worker first fails stale trials, then asks for the
+WAITING trials (retries) and for new ones only while COMPLETE + PRUNED + RUNNING + WAITING <
+``n_trials``; once the budget is used up it waits for the others' RUNNING trials, so that the trial
+of a dead worker is failed by heartbeat, retried (``RetryHeartbeatStaleTrialCallback``: same params,
+system attrs ``failed_trial``/``retry_history``) and finished by a live one. A trial interrupted by an
+exception in the launcher (Ctrl-C) is recorded FAIL and enqueued for retry the same way, so re-running
+the command continues it. Each trial gets the user attr ``worker`` (``host:pid``); the study the user
+attr ``atm_optuna.pruner`` (the pruner spec, read by jobs).
 
 Job contract: every job receives, besides its parameter overrides, ::
 
@@ -107,7 +127,10 @@ through the live trial::
             raise optuna.TrialPruned()
 
 which is ``optuna.load_study(study_name=..., storage=...)`` plus ``optuna.Trial(study, trial_id)``
-with the id looked up from the trial number. The job must still *return* its objective. Job dirs
+with the id looked up from the trial number; ``study.pruner`` is the sweep's pruner and
+``report_every(trial)`` its ``report_every`` (atm's stages do all this through
+:func:`atm.sweeps.pruning_callbacks`). The job must still *return* its objective (with
+``objectives`` set, it also receives ``++optuna.objectives=[...]`` and returns one value each). Job dirs
 are numbered from the trial number (``hydra.job.num``). Exclude ``optuna.*`` from
 ``hydra.job.config.override_dirname`` if you use it in paths. Note that a password in the storage
 URL reaches each job's ``.hydra/overrides.yaml``; prefer ``~/.pgpass`` or trust auth.
@@ -117,7 +140,9 @@ naming the key; Hydra prints it and exits 1): unknown sampler name or bad sample
 ``direction``/``n_trials``/``n_jobs``, unparseable sweep string, empty ``choice()``/``range()``,
 ``interval(low, high)`` with low > high, log scale with low <= 0, grid sampler over a continuous
 param or with conditional params, bad conditional params (see above), params that do not compose
-with the app config, unreachable storage, an existing study
+with the app config, unknown pruner or bad pruner kwargs, a pruner without ``report_every`` or on
+a multi-objective study, ``objectives`` not matching ``direction``, bad heartbeat settings
+(``grace_period`` <= ``heartbeat_interval``), unreachable storage, an existing study
 with another direction, or an existing study with ``load_if_exists: false``.
 """
 
@@ -127,7 +152,7 @@ from typing import TYPE_CHECKING, Any, Optional
 if TYPE_CHECKING:  # pragma: no cover
     import optuna
 
-__all__ = ["trial_from_config"]
+__all__ = ["trial_from_config", "report_every"]
 
 
 @lru_cache(maxsize=8)
@@ -141,7 +166,8 @@ def trial_from_config(cfg: Any) -> Optional["optuna.Trial"]:
     """The live Optuna trial of a job launched by the ``atm_optuna`` sweeper, else None.
 
     Reads ``cfg.optuna.{study_name, storage, trial_number}``; returns None when any is missing
-    (not in a sweep, or an in-memory study). Raises Optuna's errors if the study/trial is gone.
+    (not in a sweep, or an in-memory study). The study carries the sweep's pruner, so
+    ``trial.should_prune()`` asks the configured one. Raises Optuna's errors if the study/trial is gone.
     """
     node = cfg.get("optuna") if hasattr(cfg, "get") else None
     if not node:
@@ -151,6 +177,17 @@ def trial_from_config(cfg: Any) -> Optional["optuna.Trial"]:
         return None
     import optuna
 
+    from ._impl import PRUNER_ATTR, make_pruner
+
     study = optuna.load_study(study_name=str(name), storage=_storage(str(url)))
+    study.pruner, _ = make_pruner(study.user_attrs.get(PRUNER_ATTR))
     trial_id = study._storage.get_trial_id_from_study_id_trial_number(study._study_id, int(number))
     return optuna.Trial(study, trial_id)
+
+
+def report_every(trial: "optuna.Trial") -> int:
+    """Steps between two ``trial.report`` calls asked by the sweep (``hydra.sweeper.pruner.report_every``;
+    0: none)."""
+    from ._impl import PRUNER_ATTR, make_pruner
+
+    return make_pruner(trial.study.user_attrs.get(PRUNER_ATTR))[1]

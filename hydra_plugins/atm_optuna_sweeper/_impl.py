@@ -4,10 +4,15 @@ Kept out of Hydra's plugin scan (leading underscore) so that Optuna and SQLAlche
 only when a sweep actually runs.
 """
 
+import importlib
 import logging
 import math
 import os
 import re
+import socket
+import threading
+import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
@@ -35,6 +40,7 @@ from optuna.distributions import (
 from optuna.trial import TrialState
 
 from atm.errors import AtmError
+from atm.sweeps.locks import storage_lock
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +58,18 @@ SAMPLERS = {
     "random": optuna.samplers.RandomSampler,
     "grid": _GridSampler,
 }
+PRUNERS = {
+    "none": optuna.pruners.NopPruner,
+    "median": optuna.pruners.MedianPruner,
+    "percentile": optuna.pruners.PercentilePruner,
+    "successive_halving": optuna.pruners.SuccessiveHalvingPruner,
+    "hyperband": optuna.pruners.HyperbandPruner,
+    "threshold": optuna.pruners.ThresholdPruner,
+}
+# Study user attribute holding the pruner spec, read by jobs (trial_from_config, atm.sweeps).
+PRUNER_ATTR = "atm_optuna.pruner"
+# Trial user attribute: which worker (host:pid) runs the trial.
+WORKER_ATTR = "worker"
 _TAGS = {"log", "int"}
 _INT_LITERAL = re.compile(r"[+-]?\d[\d_]*")
 _INTERVAL_ENDS = re.compile(r"interval\(\s*([^,()]+?)\s*,\s*([^,()]+?)\s*\)")
@@ -465,6 +483,70 @@ def _safe_url(url: Optional[str]) -> str:
     return make_url(url).render_as_string(hide_password=True)
 
 
+def make_pruner(spec: Any) -> Tuple[optuna.pruners.BasePruner, int]:
+    """(Optuna pruner, report_every) from ``{name: ..., report_every: N, **pruner kwargs}``.
+
+    Raises SweepError naming ``hydra.sweeper.pruner`` for an unknown name or bad kwargs."""
+    spec = dict(spec or {})
+    name = spec.pop("name", "none")
+    every = spec.pop("report_every", 0) or 0
+    if not isinstance(name, str) or name not in PRUNERS:
+        raise SweepError(
+            f"hydra.sweeper.pruner.name: unknown pruner {name!r} (choose from {', '.join(PRUNERS)})"
+        )
+    if isinstance(every, bool) or not isinstance(every, int) or every < 0:
+        raise SweepError(f"hydra.sweeper.pruner.report_every: expected an int >= 0, got {every!r}")
+    if name != "none" and not every:
+        raise SweepError(
+            f"hydra.sweeper.pruner.report_every: pruner {name!r} needs jobs to report every N steps"
+            " (set report_every: N)"
+        )
+    if name == "none":  # switching a configured pruner off by name keeps its kwargs for later
+        return optuna.pruners.NopPruner(), every
+    try:
+        return PRUNERS[name](**spec), every
+    except (TypeError, ValueError) as e:
+        raise SweepError(f"hydra.sweeper.pruner: {e}") from None
+
+
+def _worker() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+class _Heartbeat:
+    """Records a heartbeat every ``interval`` seconds for the trials this worker runs (Optuna's
+    heartbeat is driven by ``study.optimize``; the ask/tell sweeper drives it itself)."""
+
+    def __init__(self, storage: Any, interval: int) -> None:
+        self.storage, self.interval = storage, interval
+        self.ids: set = set()
+        self.lock = threading.Lock()
+        self.stopped = threading.Event()
+        self.thread = threading.Thread(target=self._run, name="optuna-heartbeat", daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        while not self.stopped.wait(self.interval):
+            with self.lock:
+                ids = list(self.ids)
+            for trial_id in ids:
+                try:
+                    self.storage.record_heartbeat(trial_id)
+                except Exception as e:  # a lost connection must not kill the sweep
+                    log.warning(f"heartbeat of trial id {trial_id} failed: {_first_line(e)}")
+
+    def add(self, trial_ids: Sequence[int]) -> None:
+        with self.lock:
+            self.ids.update(trial_ids)
+
+    def discard(self, trial_ids: Sequence[int]) -> None:
+        with self.lock:
+            self.ids.difference_update(trial_ids)
+
+    def stop(self) -> None:
+        self.stopped.set()
+
+
 def _first_line(e: BaseException) -> str:
     text = str(e).strip()
     return f"{type(e).__name__}: {text.splitlines()[0]}" if text else type(e).__name__
@@ -502,6 +584,12 @@ class AtmOptunaSweeperImpl:
         sampler: Any = None,
         params: Any = None,
         load_if_exists: bool = True,
+        pruner: Any = None,
+        objectives: Any = None,
+        heartbeat_interval: Optional[int] = 10,
+        grace_period: Optional[int] = 30,
+        max_retry: Optional[int] = 2,
+        report: Optional[str] = "atm.sweeps.report:report",
     ) -> None:
         def plain(x: Any) -> Any:
             return OmegaConf.to_container(x, resolve=True) if OmegaConf.is_config(x) else x
@@ -514,6 +602,12 @@ class AtmOptunaSweeperImpl:
         self.sampler_spec: Dict[str, Any] = dict(plain(sampler) or {})
         self.params: Dict[str, Any] = dict(plain(params) or {})
         self.load_if_exists = load_if_exists
+        self.pruner_spec: Dict[str, Any] = dict(plain(pruner) or {"name": "none"})
+        self.objectives = plain(objectives)
+        self.heartbeat_interval = heartbeat_interval
+        self.grace_period = grace_period
+        self.max_retry = max_retry
+        self.report = report
 
     def setup(
         self, *, hydra_context: HydraContext, task_function: TaskFunction, config: DictConfig
@@ -579,9 +673,26 @@ class AtmOptunaSweeperImpl:
                     f"hydra.sweeper.params: overrides do not compose with the app config: {e}"
                 ) from None
 
+    def _retry_callback(self) -> Optional[Any]:
+        if self.max_retry is not None and self.max_retry == 0:
+            return None
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            return optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=self.max_retry)
+
     def _open_study(self, url: Optional[str], name: str, directions: List[str]) -> optuna.Study:
+        heartbeat: Dict[str, Any] = {}
+        if url is not None and self.heartbeat_interval:
+            heartbeat = dict(
+                heartbeat_interval=self.heartbeat_interval,
+                grace_period=self.grace_period,
+                heartbeat_stale_trial_callback=self._retry_callback(),
+            )
         try:
-            storage = None if url is None else optuna.storages.RDBStorage(url)
+            # one worker at a time creates the tables of a fresh database (several start together)
+            with warnings.catch_warnings(), storage_lock(url, "atm_optuna/init"):
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                storage = None if url is None else optuna.storages.RDBStorage(url, **heartbeat)
         except Exception as e:
             why = _first_line(e)
             cause = e.__cause__
@@ -609,34 +720,73 @@ class AtmOptunaSweeperImpl:
             )
         return study
 
-    @staticmethod
-    def _trial_overrides(name: str, url: Optional[str], number: int) -> List[str]:
+    def _trial_overrides(self, name: str, url: Optional[str], number: int) -> List[str]:
         storage = "null" if url is None else _quote(url)
-        return [
+        out = [
             f"++optuna.study_name={_quote(name)}",
             f"++optuna.storage={storage}",
             f"++optuna.trial_number={number}",
         ]
+        if self.objectives:
+            out.append(f"++optuna.objectives=[{','.join(_quote(str(o)) for o in self.objectives)}]")
+        return out
 
-    # -- the sweep -------------------------------------------------------------------------
-
-    def sweep(self, arguments: List[str]) -> List[Sequence[JobReturn]]:
-        """Validate everything, then ask/launch/tell until the study has ``n_trials`` finished.
-
-        Raises SweepError (an AtmError) on a bad config before any job runs, and after the
-        sweep if every trial of this run failed.
-        """
-        directions = self._directions()
+    def _validate(self, directions: List[str]) -> None:
         for key in ("n_trials", "n_jobs"):
             v = getattr(self, key)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise SweepError(f"hydra.sweeper.{key}: expected an int >= 1, got {v!r}")
+        for key in ("heartbeat_interval", "grace_period", "max_retry"):
+            v = getattr(self, key)
+            low = 0 if key == "max_retry" else 1
+            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < low):
+                raise SweepError(f"hydra.sweeper.{key}: expected an int >= {low} or null, got {v!r}")
+        if self.heartbeat_interval and self.grace_period and self.grace_period <= self.heartbeat_interval:
+            raise SweepError(
+                f"hydra.sweeper.grace_period: {self.grace_period} s must exceed heartbeat_interval"
+                f" ({self.heartbeat_interval} s)"
+            )
         sampler_name = self.sampler_spec.get("name", "tpe")
         if not isinstance(sampler_name, str) or sampler_name not in SAMPLERS:
             raise SweepError(
                 f"hydra.sweeper.sampler.name: unknown sampler {sampler_name!r}"
                 f" (choose from {', '.join(SAMPLERS)})"
             )
+        pruner, _ = make_pruner(self.pruner_spec)
+        if len(directions) > 1 and not isinstance(pruner, optuna.pruners.NopPruner):
+            raise SweepError(
+                "hydra.sweeper.pruner: Optuna prunes single-objective studies only"
+                f" (direction has {len(directions)} entries)"
+            )
+        objs = self.objectives
+        if objs is not None:
+            if not isinstance(objs, list) or not all(isinstance(o, str) and o for o in objs):
+                raise SweepError(f"hydra.sweeper.objectives: expected a list of metric names, got {objs!r}")
+            if len(objs) != len(directions):
+                raise SweepError(
+                    f"hydra.sweeper.objectives: {len(objs)} metric(s) for {len(directions)}"
+                    f" direction(s) {directions}"
+                )
+        if self.report is not None and ":" not in str(self.report):
+            raise SweepError(f"hydra.sweeper.report: expected 'module:function' or null, got {self.report!r}")
+
+    # -- the sweep -------------------------------------------------------------------------
+
+    def sweep(self, arguments: List[str]) -> List[Sequence[JobReturn]]:
+        """Validate everything, then ask/launch/tell until the study has ``n_trials`` finished.
+
+        Several workers (processes, machines) may run the same command on one RDB storage: the
+        trial budget is global (a worker asks only while COMPLETE + PRUNED + RUNNING + WAITING <
+        ``n_trials``, under a lock in the storage's database, see :mod:`atm.sweeps.locks`), and a
+        worker whose budget is used up waits for the running trials of the others, so that a trial
+        whose worker died is failed by heartbeat and retried (same params) by a live worker.
+
+        Raises SweepError (an AtmError) on a bad config before any job runs, and after the
+        sweep if every trial of this run failed.
+        """
+        directions = self._directions()
+        self._validate(directions)
+        sampler_name = self.sampler_spec.get("name", "tpe")
 
         parser = OverridesParser.create(config_loader=self.hydra_context.config_loader)
         space, fixed_by_name = build_search_space(self.params, arguments, parser)
@@ -650,13 +800,16 @@ class AtmOptunaSweeperImpl:
         self._check_composition(space, fixed, url, name)
         study = self._open_study(url, name, directions)
         study.sampler = self._make_sampler(space, len(study.get_trials(deepcopy=False)))
+        study.pruner, _ = make_pruner(self.pruner_spec)
+        if url is not None:
+            study.set_user_attr(PRUNER_ATTR, dict(self.pruner_spec))
 
         target = self.n_trials
         if sampler_name == "grid":
             target = min(target, math.prod(len(p.grid_values()) for p in space.values()))
         done = (TrialState.COMPLETE, TrialState.PRUNED)
         finished = len(study.get_trials(deepcopy=False, states=done))
-        remaining = max(0, target - finished)
+        remaining = max(0, target - finished)  # this run's attempts at most (failed ones included)
         log.info(
             f"Optuna study {name!r} in {_safe_url(url)}: {finished} finished trial(s), "
             f"running {remaining} more (n_trials={self.n_trials}, sampler={sampler_name})"
@@ -666,36 +819,123 @@ class AtmOptunaSweeperImpl:
         sweep_dir.mkdir(parents=True, exist_ok=True)
         OmegaConf.save(self.config, sweep_dir / "multirun.yaml")
 
+        heart = None
+        if url is not None and self.heartbeat_interval:
+            heart = _Heartbeat(study._storage, self.heartbeat_interval)
         returns: List[Sequence[JobReturn]] = []
         n_ok, n_failed, first_error = 0, 0, ""
-        while remaining > 0:
-            trials = [study.ask() for _ in range(min(self.n_jobs, remaining))]
-            try:
-                batch = [
-                    fixed
-                    + [space[n].override(v) for n, v in sample(space, t).items()]
-                    + self._trial_overrides(name, url, t.number)
-                    for t in trials
-                ]
-                results = self.launcher.launch(batch, initial_job_idx=trials[0].number)
-            except BaseException:
-                for t in trials:
-                    study.tell(t, state=TrialState.FAIL, skip_if_finished=True)
-                raise
-            for trial, result in zip(trials, results):
-                error = self._tell(study, trial, result, len(directions))
-                if error:
-                    n_failed += 1
-                    first_error = first_error or f"trial #{trial.number}: {error}"
-                else:
-                    n_ok += 1
-            remaining -= len(trials)
-            returns.append(results)
+        waiting_since = 0.0
+        try:
+            while remaining > 0:
+                trials = self._ask(study, space, url, name, target, min(self.n_jobs, remaining), heart)
+                if not trials:
+                    running = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+                    if heart is None or not running:
+                        break
+                    if not waiting_since:
+                        waiting_since = time.monotonic()
+                        log.info(
+                            f"budget used up; waiting for {len(running)} running trial(s) of other"
+                            f" workers ({', '.join(f'#{t.number}' for t in running)})"
+                        )
+                    time.sleep(min(self.heartbeat_interval, 5))
+                    continue
+                waiting_since = 0.0
+                try:
+                    batch = [
+                        fixed
+                        + [space[n].override(v) for n, v in sample(space, t).items()]
+                        + self._trial_overrides(name, url, t.number)
+                        for t in trials
+                    ]
+                    results = self.launcher.launch(batch, initial_job_idx=trials[0].number)
+                except BaseException:
+                    self._interrupted(study, trials, retry=url is not None)
+                    raise
+                finally:
+                    if heart is not None:
+                        heart.discard([t._trial_id for t in trials])
+                for trial, result in zip(trials, results):
+                    error = self._tell(study, trial, result, len(directions))
+                    if error:
+                        n_failed += 1
+                        first_error = first_error or f"trial #{trial.number}: {error}"
+                    else:
+                        n_ok += 1
+                remaining -= len(trials)
+                returns.append(results)
+        finally:
+            if heart is not None:
+                heart.stop()
 
         self._report(study, sweep_dir, name, url)
+        self._user_report(study, sweep_dir)
         if n_failed and not n_ok:
             raise SweepError(f"all {n_failed} trial(s) of this sweep failed; first: {first_error}")
         return returns
+
+    def _ask(
+        self,
+        study: optuna.Study,
+        space: Dict[str, Param],
+        url: Optional[str],
+        name: str,
+        target: int,
+        limit: int,
+        heart: Optional[_Heartbeat],
+    ) -> List[optuna.Trial]:
+        """Up to ``limit`` trials within the global budget: first the WAITING ones (retries of
+        failed or interrupted trials, enqueued trials), then new ones while COMPLETE + PRUNED +
+        RUNNING + WAITING < ``target``. Stale trials (dead workers) are failed first. Counting
+        and asking happen under one lock, so that concurrent workers never exceed the budget."""
+        with storage_lock(url, f"atm_optuna/budget/{name}"), warnings.catch_warnings():
+            # Optuna warns that its heartbeat is meant for study.optimize: this loop drives it itself
+            warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+            warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used")
+            optuna.storages.fail_stale_trials(study)
+            trials = study.get_trials(deepcopy=False)
+            live = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING, TrialState.WAITING)
+            n_waiting = sum(t.state == TrialState.WAITING for t in trials)
+            n_live = sum(t.state in live for t in trials)
+            n = min(limit, n_waiting + max(0, target - n_live))
+            asked = []
+            for i in range(n):
+                # seeded by the number of trials so far: reproducible for one worker, and two
+                # workers never sample with the same seed (the grid sampler keeps its instance: it
+                # picks unvisited grid points itself)
+                if self.sampler_spec.get("name", "tpe") != "grid":
+                    study.sampler = self._make_sampler(space, len(trials) + i)
+                trial = study.ask()
+                trial.set_user_attr(WORKER_ATTR, _worker())
+                if getattr(study._storage, "get_heartbeat_interval", lambda: None)():
+                    study._storage.record_heartbeat(trial._trial_id)  # stale from now on unless renewed
+                if heart is not None:
+                    heart.add([trial._trial_id])
+                asked.append(trial)
+            return asked
+
+    def _interrupted(self, study: optuna.Study, trials: Sequence[optuna.Trial], retry: bool) -> None:
+        """The launcher raised (Ctrl-C, a dead job process): fail the trials and, as for a dead
+        worker, enqueue their retries so that re-running the command continues them."""
+        callback = self._retry_callback() if retry else None  # an in-memory study ends with the process
+        for t in trials:
+            try:
+                frozen = study.tell(t, state=TrialState.FAIL, skip_if_finished=True)
+                if callback is not None and frozen.state == TrialState.FAIL:
+                    callback(study, frozen)
+            except Exception as e:  # keep the original exception
+                log.warning(f"could not record interrupted trial #{t.number}: {_first_line(e)}")
+
+    def _user_report(self, study: optuna.Study, sweep_dir: Path) -> None:
+        if not self.report:
+            return
+        module, _, function = str(self.report).partition(":")
+        try:
+            getattr(importlib.import_module(module), function)(
+                study=study, sweep_dir=sweep_dir, config=self.config
+            )
+        except Exception as e:  # the trials are recorded; a failing plot must not fail the sweep
+            log.warning(f"hydra.sweeper.report {self.report}: {_first_line(e)}", exc_info=True)
 
     def _tell(
         self, study: optuna.Study, trial: optuna.Trial, result: JobReturn, n_obj: int

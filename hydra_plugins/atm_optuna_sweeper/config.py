@@ -5,7 +5,7 @@ fill ``hydra.sweeper`` (see the package docstring for an example and the meaning
 """
 
 from dataclasses import dataclass, field
-from typing import Any, Dict, Optional
+from typing import Any, Dict, List, Optional
 
 from hydra.core.config_store import ConfigStore
 
@@ -33,6 +33,20 @@ class AtmOptunaSweeperConf:
     params: Dict[str, Any] = field(default_factory=dict)
     # Resume an existing study of the same name instead of failing.
     load_if_exists: bool = True
+    # name: none | median | percentile | successive_halving | hyperband | threshold | patient | wilcoxon
+    # (Optuna's pruners; any other key is passed to the pruner class), plus report_every: N (jobs report
+    # their objective every N training steps; atm's stages do it through atm.sweeps.pruning_callbacks).
+    pruner: Dict[str, Any] = field(default_factory=lambda: {"name": "none"})
+    # Metric names the job returns, one per direction (multi-objective); null: the job's own objective.
+    # Passed to jobs as ++optuna.objectives.
+    objectives: Optional[List[str]] = None
+    # Heartbeat of running trials (seconds; RDB storage only; null: off). A trial whose worker died (no
+    # heartbeat for grace_period seconds) is failed and retried with the same params, up to max_retry times.
+    heartbeat_interval: Optional[int] = 10
+    grace_period: Optional[int] = 30
+    max_retry: Optional[int] = 2
+    # `module:function` called as f(study=, sweep_dir=, config=) after the sweep (plots, CSV, MLflow); null: none.
+    report: Optional[str] = "atm.sweeps.report:report"
 
 
 ConfigStore.instance().store(

@@ -1,0 +1,182 @@
+"""The job side of atm's Optuna sweeps (the sweeper itself is ``hydra_plugins/atm_optuna_sweeper``).
+
+A sweep job receives ``++optuna.{study_name, storage, trial_number}`` (and ``++optuna.objectives`` for a
+multi-objective sweep). :func:`atm.train.execute` runs it inside an MLflow run nested under the sweep's
+parent run and:
+
+* :func:`attach` records the MLflow run id on the Optuna trial (user attribute ``mlflow_run_id``) and, for
+  a trial that retries trials whose worker died, closes their MLflow runs (FAILED, tag
+  ``atm.trial_state=FAIL``);
+* the stages pass :func:`pruning_callbacks` to ``fit``: every ``hydra.sweeper.pruner.report_every`` steps
+  the stage's own evaluation runs, its metrics are logged to MLflow at that step, the objective is
+  reported to the trial, and ``optuna.TrialPruned`` is raised when the sweep's pruner says so;
+* :func:`end_if_pruned` ends a pruned trial's MLflow run with status ``KILLED`` and tag
+  ``atm.trial_state=PRUNED``, keeping the metrics logged so far. KILLED (not FINISHED) because lineage
+  reuses only FINISHED runs: a partly trained model must never stand in for a finished one;
+* :func:`objectives` is what the job returns: ``metrics[stage.objective]``, or a tuple of
+  ``metrics[name]`` for each of ``optuna.objectives``.
+
+The sweep report (plots, trials CSV, Pareto front) is :mod:`atm.sweeps.report`; locks shared by workers
+are :mod:`atm.sweeps.locks`.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import Any, Callable, Iterable, Mapping
+
+from omegaconf import DictConfig
+
+from atm.errors import AtmError
+
+log = logging.getLogger(__name__)
+
+TAG_TRIAL_STATE = "atm.trial_state"
+TAG_PRUNED_AT = "atm.pruned_at_step"
+RUN_ATTR = "mlflow_run_id"
+
+
+def in_sweep(cfg: DictConfig) -> bool:
+    """Whether ``cfg`` is a sweep job's config (it has ``optuna.trial_number``)."""
+    node = cfg.get("optuna")
+    return bool(node) and node.get("trial_number") is not None
+
+
+def objective_names(cfg: DictConfig) -> list[str]:
+    """``optuna.objectives`` (multi-objective sweep), else ``[stage.objective]`` (``[]`` for a stage without one)."""
+    node = cfg.get("optuna")
+    names = node.get("objectives") if node else None
+    if names:
+        return [str(n) for n in names]
+    return [str(cfg.stage.objective)] if cfg.stage.get("objective") else []
+
+
+def objectives(cfg: DictConfig, metrics: Mapping[str, float]) -> float | tuple[float, ...]:
+    """The value(s) a sweep optimises, one per :func:`objective_names` (a float for one).
+
+    Raises:
+        AtmError: a metric is missing or NaN.
+    """
+    if not objective_names(cfg):
+        raise AtmError(f"stage.objective: stage {cfg.stage.name} has no objective to optimise "
+                       "(set stage.objective=<metric name>)")
+    values = []
+    for name in objective_names(cfg):
+        value = metrics.get(name)
+        if value is None or math.isnan(value):
+            key = "optuna.objectives" if len(objective_names(cfg)) > 1 else "stage.objective"
+            raise AtmError(f"{key}={name}: stage {cfg.stage.name} produced no such metric "
+                           f"(it produced: {', '.join(sorted(metrics)) or 'none'})")
+        values.append(float(value))
+    return values[0] if len(values) == 1 else tuple(values)
+
+
+def _trial(cfg: DictConfig):
+    if not in_sweep(cfg):
+        return None
+    from hydra_plugins.atm_optuna_sweeper import trial_from_config
+
+    return trial_from_config(cfg)
+
+
+def attach(cfg: DictConfig, run_id: str):
+    """Link the running sweep trial to its MLflow run; return the ``optuna.Trial`` (None outside a sweep).
+
+    Closes the MLflow runs still RUNNING of the trials this trial retries (their worker died).
+    """
+    trial = _trial(cfg)
+    if trial is None:
+        return None
+    study = trial.study
+    frozen = study._storage.get_trial(trial._trial_id)
+    retried = set(frozen.system_attrs.get("retry_history", []))
+    if retried:
+        close_failed_runs(t for t in study.get_trials(deepcopy=False) if t.number in retried)
+    trial.set_user_attr(RUN_ATTR, run_id)
+    return trial
+
+
+def close_failed_runs(trials: Iterable[Any]) -> list[str]:
+    """Mark FAILED (tag ``atm.trial_state=FAIL``) the MLflow runs still RUNNING of FAIL Optuna trials,
+    e.g. of a worker killed mid-trial. Returns the run ids closed."""
+    from mlflow.tracking import MlflowClient
+    from optuna.trial import TrialState
+
+    client, closed = MlflowClient(), []
+    for t in trials:
+        run_id = t.user_attrs.get(RUN_ATTR)
+        if t.state != TrialState.FAIL or not run_id:
+            continue
+        try:
+            run = client.get_run(run_id)
+        except Exception:  # a run of another tracking store
+            continue
+        if run.info.status == "RUNNING":
+            client.set_tag(run_id, TAG_TRIAL_STATE, "FAIL")
+            client.set_terminated(run_id, "FAILED")
+            closed.append(run_id)
+            log.info("trial #%d failed (worker died): MLflow run %s marked FAILED", t.number, run_id)
+    return closed
+
+
+def pruning_callbacks(cfg: DictConfig, module: Any,
+                      evaluate: Callable[[], Mapping[str, float]]) -> list[Callable[[int], None]]:
+    """``fit`` callbacks that report the objective to the sweep trial every ``report_every`` steps.
+
+    Args:
+        module: what ``fit`` trains; put back in training mode after ``evaluate``.
+        evaluate: the stage's evaluation, ``() -> {metric name: value}`` containing the objective; its
+            metrics are logged to MLflow at the step.
+
+    Returns:
+        ``[]`` outside a sweep, for a multi-objective study (Optuna prunes single-objective studies only)
+        or when the sweep reports nothing (``report_every`` 0); else one callback, which raises
+        ``optuna.TrialPruned`` when the pruner prunes. The last step is not reported (the stage's final
+        evaluation follows).
+    """
+    trial = _trial(cfg)
+    if trial is None or len(trial.study.directions) > 1:
+        return []
+    from hydra_plugins.atm_optuna_sweeper import report_every
+
+    every = report_every(trial)
+    if not every or not objective_names(cfg):
+        return []
+    name, max_steps = objective_names(cfg)[0], int(cfg.trainer.max_steps)
+
+    def on_step(step: int) -> None:
+        if step % every or step >= max_steps:
+            return
+        import mlflow
+        import optuna
+        import torch
+
+        # the evaluation must not move the training's random streams (masking, dropout): reporting or not
+        # then trains the same model
+        devices = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
+        with torch.random.fork_rng(devices=devices):
+            metrics = dict(evaluate())
+        module.train()
+        if name not in metrics:
+            raise AtmError(f"stage.objective={name}: the evaluation of stage {cfg.stage.name} does not "
+                           f"produce it (it produced: {', '.join(sorted(metrics))})")
+        mlflow.log_metrics(metrics, step=step)
+        trial.report(float(metrics[name]), step)
+        if trial.should_prune():
+            mlflow.set_tag(TAG_PRUNED_AT, str(step))
+            raise optuna.TrialPruned(f"trial #{trial.number} pruned at step {step}: {name}={metrics[name]:g}")
+
+    return [on_step]
+
+
+def end_if_pruned(err: BaseException) -> None:
+    """Called with the exception leaving a stage: for ``optuna.TrialPruned``, tag the active MLflow run
+    ``atm.trial_state=PRUNED`` and end it KILLED (its metrics stay). The caller re-raises."""
+    import optuna
+
+    if isinstance(err, optuna.TrialPruned):
+        import mlflow
+
+        mlflow.set_tag(TAG_TRIAL_STATE, "PRUNED")
+        mlflow.end_run("KILLED")

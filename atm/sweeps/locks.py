@@ -1,0 +1,88 @@
+"""Cross-process (and cross-machine) locks keyed by name, held in the Optuna storage's database.
+
+Several sweep workers share one Optuna RDB storage; whatever must happen once per study (asking for the
+last trial of the budget, creating the MLflow parent run, training a missing teacher) happens under
+:func:`storage_lock`:
+
+* PostgreSQL: a session-level advisory lock (``pg_advisory_lock``) on a dedicated connection, so it works
+  across machines and is released by the server when the holder dies (SIGKILL, lost machine);
+* SQLite: an exclusive ``fcntl`` lock on a file next to the database file (one machine, or a shared
+  filesystem with working POSIX locks), released by the kernel when the holder dies;
+* anything else (or no storage): no lock; a warning says so once.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import logging
+import os
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+log = logging.getLogger(__name__)
+_WARNED: set[str] = set()
+
+
+def lock_id(key: str) -> int:
+    """A signed 64-bit integer for ``key`` (PostgreSQL advisory locks take a ``bigint``)."""
+    return int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "big", signed=True)
+
+
+def backend(url: str | None) -> str:
+    """``postgresql``, ``sqlite`` or another SQLAlchemy backend name; ``none`` for no URL."""
+    if not url:
+        return "none"
+    from sqlalchemy.engine import make_url
+
+    return make_url(url).get_backend_name()
+
+
+@contextmanager
+def storage_lock(url: str | None, key: str) -> Iterator[None]:
+    """Hold an exclusive lock named ``key`` in the database at SQLAlchemy ``url`` (blocks until free).
+
+    Raises:
+        sqlalchemy.exc.OperationalError: the PostgreSQL server cannot be reached.
+    """
+    kind = backend(url)
+    if kind == "postgresql":
+        import sqlalchemy
+        from sqlalchemy.pool import NullPool
+
+        engine = sqlalchemy.create_engine(url, poolclass=NullPool)
+        try:
+            with engine.connect() as conn:
+                conn.execute(sqlalchemy.text("SELECT pg_advisory_lock(:k)"), {"k": lock_id(key)})
+                conn.commit()
+                try:
+                    yield
+                finally:
+                    conn.execute(sqlalchemy.text("SELECT pg_advisory_unlock(:k)"), {"k": lock_id(key)})
+                    conn.commit()
+        finally:
+            engine.dispose()
+        return
+    if kind == "sqlite":
+        from sqlalchemy.engine import make_url
+
+        database = make_url(url).database
+        if database and database != ":memory:":
+            db = Path(database).resolve()
+            path = db.parent / f".{db.name}.locks" / f"{lock_id(key) & 0xFFFFFFFFFFFFFFFF:016x}.lock"
+            path.parent.mkdir(exist_ok=True)  # FileNotFoundError when the database's directory is missing
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX)
+                try:
+                    yield
+                finally:
+                    fcntl.flock(fd, fcntl.LOCK_UN)
+            finally:
+                os.close(fd)
+            return
+    if kind not in _WARNED:
+        _WARNED.add(kind)
+        log.warning("no cross-process lock for storage backend %r: run one sweep worker at a time", kind)
+    yield

@@ -1,0 +1,158 @@
+"""Tests of the `alexatm_mini` experiment (conf/experiment/): what its jobs run, that lineage hands each job the
+runs it means (teacher sizes, students, the fine-tuning baseline), and a real tiny multirun of two of its jobs."""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+
+import pytest
+from conftest import REPO, atm_train
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+
+from atm import tracking
+from atm.lineage import compose_stage
+from atm.models.encoder import count_parameters, load_preset
+from atm.stages import finetune as F
+from atm.stages import get_stage
+
+CONF = REPO / "conf"
+JOBS_KEY = "experiment/alexatm_mini_jobs@_global_"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def hydra_context():
+    """One Hydra context for the module: every compose (and atm.lineage.compose_stage) reuses it."""
+    with initialize_config_dir(str(CONF), version_base="1.3"):
+        yield
+
+
+def _compose(overrides: list[str]):
+    return compose(config_name="config", overrides=overrides, return_hydra_config=True)
+
+
+def _jobs(experiment: str = "alexatm_mini") -> list[str]:
+    params = _compose([f"+experiment={experiment}"]).hydra.sweeper.params
+    return [job.strip() for job in params[JOBS_KEY].split(",")]
+
+
+@functools.cache
+def _job(job: str, experiment: str = "alexatm_mini"):
+    cfg = _compose([f"+experiment={experiment}", f"{JOBS_KEY}={job}"])
+    OmegaConf.resolve(cfg)
+    return cfg
+
+
+def _input_config(cfg, stage: str):
+    """The config lineage composes for an input of ``stage`` of the job ``cfg`` (experiment inherited)."""
+    return compose_stage(stage, ["+experiment=alexatm_mini", *cfg.lineage.overrides.get(stage, [])])
+
+
+def test_jobs_cover_the_paper():
+    jobs = _jobs()
+    files = sorted(p.stem for p in (CONF / "experiment" / "alexatm_mini_jobs").glob("*.yaml"))
+    assert sorted(jobs) == files  # every job file runs, once
+    evaluated, finetuned = set(), []
+    for job in jobs:
+        cfg = _job(job)
+        if cfg.stage.name == "evaluate":
+            target = cfg.target
+            model = _input_config(cfg, "pretrain_stage1").model.name if target.startswith("pretrain") else None
+            evaluated.add((target, model))
+        else:
+            assert cfg.stage.name == "finetune"
+            F.check(cfg)
+            finetuned.append(cfg)
+    teachers = {"teacher_tiny_s", "teacher_tiny_m", "teacher_tiny"}
+    assert {(f"pretrain_stage{s}", t) for s in (1, 2) for t in teachers} <= evaluated
+    assert {("distill_intermediate", None), ("distill_final", None)} <= evaluated
+    sizes = [count_parameters(load_preset(t), vocab_size=8000, non_embedding=True) for t in sorted(teachers)]
+    assert len(set(sizes)) == 3
+    full = [c for c in finetuned if c.finetune.setting == "full"]
+    assert all(len(c.finetune.locales) >= 6 and list(c.finetune.eval_locales) == list(c.finetune.locales)
+               for c in full)
+    assert {c.encoder for c in full} >= {"pretrain_stage1", "pretrain_stage2", "distill_intermediate",
+                                         "distill_final"}
+    assert {c.encoder for c in full if c.finetune.freeze_encoder} == {"pretrain_stage1", "pretrain_stage2"}
+    zero = [c for c in finetuned if c.finetune.setting == "zero_shot"]
+    assert zero and all(list(c.finetune.locales) == ["en-US"] and len(c.finetune.eval_locales) >= 5 for c in zero)
+
+
+def test_lineage_trains_the_sizes_and_checkpoints_each_job_names():
+    small = _job("eval_stage2_s")
+    stage2 = _input_config(small, "pretrain_stage2")
+    assert stage2.alexatm.teacher == "teacher_tiny_s"  # handed on, so that Stage 2 continues the small teacher
+    stage1 = _input_config(stage2, "pretrain_stage1")
+    assert stage1.model.name == "teacher_tiny_s"
+    assert stage1.trainer.max_steps // stage1.trainer.save_every >= 2  # several scored checkpoints
+    assert stage2.trainer.max_steps // stage2.trainer.save_every >= 2
+    final = _job("ft_final")
+    student = _input_config(final, "distill_final")
+    intermediate = _input_config(student, "distill_intermediate")
+    assert (student.model.name, intermediate.model.name) == ("student_tiny", "intermediate_tiny")
+    teacher = _input_config(intermediate, "pretrain_stage1")
+    assert teacher.model.name == "teacher_tiny" and intermediate.teacher_next == "pretrain_stage2"
+
+
+def test_the_final_students_baseline_is_the_teacher_finetune_job():
+    final, teacher = _job("ft_final"), _job("ft_stage2_l")
+    assert final.baseline == "finetune"
+    baseline = _input_config(final, "finetune")  # what lineage resolves baseline=finetune to
+    keys = get_stage("finetune").hashed_keys(baseline)
+    assert tracking.config_hash(baseline, keys) == tracking.config_hash(teacher, keys)
+    assert baseline.encoder == teacher.encoder == "pretrain_stage2"
+    assert list(baseline.lineage.overrides.pretrain_stage2) == list(teacher.lineage.overrides.pretrain_stage2)
+
+
+def test_gpu_configuration_composes_with_larger_models():
+    assert _jobs("alexatm_gpu") == _jobs()
+    cfg = _job("ft_final", "alexatm_gpu")
+    assert cfg.trainer.precision == "bf16" and cfg.finetune.max_train_per_locale is None
+    sizes = [count_parameters(load_preset(cfg.alexatm.teachers[s]), vocab_size=32000, non_embedding=True)
+             for s in "sml"]
+    assert sizes == sorted(sizes) and sizes[-1] > 1e9
+    student = _input_config(cfg, "distill_final")
+    assert student.model.name == "student_17m"
+
+
+# ------------------------------------------------------------------------------------ a real multirun
+
+TINY_EXPERIMENT = [
+    "+experiment=alexatm_mini", "lineage.inherit=[lineage,data,tokenizer,tracking,experiment,alexatm,eval,finetune]",
+    "alexatm.steps.stage1=4", "alexatm.steps.stage2=4", "alexatm.steps.intermediate=4", "alexatm.steps.switch=2",
+    "alexatm.steps.final=4", "alexatm.steps.finetune=4", "alexatm.save_every.stage1=2", "alexatm.save_every.stage2=2",
+    "tokenizer.vocab_size=2000", "tokenizer.character_coverage=0.98", "tokenizer.max_lines_per_source=60",
+    "data.written.max_lines_per_source=40", "data.spoken.max_lines_per_source=40",
+    "data.heldout.max_lines_per_lang=4", "data.max_seq_len=32", "eval.perplexity.max_lines_per_lang=4",
+    "finetune.max_train_per_locale=16", "finetune.max_eval_per_locale=12",
+]
+
+
+@pytest.mark.slow
+def test_tiny_multirun_of_two_jobs(tmp_path: Path, data_env):
+    result = atm_train([*TINY_EXPERIMENT, f"{JOBS_KEY}=ft_stage2_l,ft_final", "-m"], tmp_path, data_env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db")
+    runs = {}
+    for run in client.search_runs(["1"], order_by=["attributes.start_time ASC"]):
+        assert run.info.status == "FINISHED"
+        runs.setdefault(run.data.tags["atm.stage"], []).append(run)
+    # lineage trained each input once: tokenizer, Stage 1 + 2 of the largest teacher, the two students
+    assert {k: len(v) for k, v in runs.items()} == {"train_tokenizer": 1, "pretrain_stage1": 1, "pretrain_stage2": 1,
+                                                    "distill_intermediate": 1, "distill_final": 1, "finetune": 2}
+    assert runs["pretrain_stage1"][0].data.params["model.name"] == "teacher_tiny"
+    assert runs["pretrain_stage1"][0].data.metrics["model/non_embedding_parameters"] > 0
+    teacher_ft, student_ft = runs["finetune"]
+    assert student_ft.data.tags["atm.baseline_run_id"] == teacher_ft.info.run_id
+    assert student_ft.data.tags["atm.input.encoder"] == runs["distill_final"][0].info.run_id
+    locales = ["en-US", "de-DE", "es-ES", "fr-FR", "ja-JP", "hi-IN"]
+    for locale in [*locales, "avg"]:
+        for score in F.SCORES:
+            key = f"compare/massive/{locale}/{score}_rel_error_change"
+            s, b = student_ft.data.metrics[f"eval/massive/{locale}/{score}"], teacher_ft.data.metrics[
+                f"eval/massive/{locale}/{score}"]
+            if b < 1:
+                assert student_ft.data.metrics[key] == pytest.approx(((1 - s) - (1 - b)) / (1 - b))
