@@ -689,10 +689,18 @@ class AtmOptunaSweeperImpl:
                 heartbeat_stale_trial_callback=self._retry_callback(),
             )
         try:
-            # one worker at a time creates the tables of a fresh database (several start together)
-            with warnings.catch_warnings(), storage_lock(url, "atm_optuna/init"):
-                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-                storage = None if url is None else optuna.storages.RDBStorage(url, **heartbeat)
+            # one worker at a time creates the tables of a fresh database (several start together); a client
+            # outside the sweeper (optuna-dashboard, a script) may still race on them: retry a few times
+            for attempt in range(5):
+                try:
+                    with warnings.catch_warnings(), storage_lock(url, "atm_optuna/init"):
+                        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                        storage = None if url is None else optuna.storages.RDBStorage(url, **heartbeat)
+                    break
+                except Exception as e:
+                    if attempt == 4 or "IntegrityError" not in f"{type(e).__name__} {e} {e.__cause__}":
+                        raise
+                    time.sleep(0.5 * (attempt + 1))
         except Exception as e:
             why = _first_line(e)
             cause = e.__cause__
