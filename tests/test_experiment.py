@@ -144,7 +144,7 @@ def test_tiny_multirun_of_two_jobs(tmp_path: Path, data_env):
     assert {k: len(v) for k, v in runs.items()} == {"train_tokenizer": 1, "pretrain_stage1": 1, "pretrain_stage2": 1,
                                                     "distill_intermediate": 1, "distill_final": 1, "finetune": 2}
     assert runs["pretrain_stage1"][0].data.params["model.name"] == "teacher_tiny"
-    assert runs["pretrain_stage1"][0].data.metrics["model/non_embedding_parameters"] > 0
+    assert runs["pretrain_stage1"][0].data.metrics["cost/non_embedding_parameters"] > 0
     teacher_ft, student_ft = runs["finetune"]
     assert student_ft.data.tags["atm.baseline_run_id"] == teacher_ft.info.run_id
     assert student_ft.data.tags["atm.input.encoder"] == runs["distill_final"][0].info.run_id
