@@ -4,6 +4,8 @@ runs it means (teacher sizes, students, the fine-tuning baseline), and a real ti
 from __future__ import annotations
 
 import functools
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -19,6 +21,7 @@ from atm.stages import get_stage
 
 CONF = REPO / "conf"
 JOBS_KEY = "experiment/alexatm_mini_jobs@_global_"
+ABLATION_JOB = "ablation"  # the trial of sweeps/alexatm_mini_ablation.yaml, not a job of the multirun
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -52,7 +55,7 @@ def _input_config(cfg, stage: str):
 def test_jobs_cover_the_paper():
     jobs = _jobs()
     files = sorted(p.stem for p in (CONF / "experiment" / "alexatm_mini_jobs").glob("*.yaml"))
-    assert sorted(jobs) == files  # every job file runs, once
+    assert sorted([*jobs, ABLATION_JOB]) == files  # every job file runs, once (the ablation's in its sweep)
     evaluated, finetuned = set(), []
     for job in jobs:
         cfg = _job(job)
@@ -105,6 +108,21 @@ def test_the_final_students_baseline_is_the_teacher_finetune_job():
     assert list(baseline.lineage.overrides.pretrain_stage2) == list(teacher.lineage.overrides.pretrain_stage2)
 
 
+def test_the_ablation_sweep_distils_the_experiments_intermediate_student_from_its_teachers():
+    sweeper = _compose(["+experiment=alexatm_mini", "+sweep=alexatm_mini_ablation"]).hydra.sweeper
+    assert sweeper.params[JOBS_KEY] == ABLATION_JOB  # replaces the experiment's job list: every trial is one
+    assert sweeper.sampler.name == "grid" and sweeper.n_trials == 9
+    trial, student = _job(ABLATION_JOB), _input_config(_job("ft_intermediate"), "distill_intermediate")
+    assert trial.stage.name == student.stage.name == "distill_intermediate"
+    assert (trial.model.name, trial.trainer.max_steps, trial.distill.switch.steps) == (
+        student.model.name, student.trainer.max_steps, student.distill.switch.steps)
+    for stage in ("pretrain_stage1", "pretrain_stage2"):  # the same teacher runs, found by config hash
+        ours, theirs = _input_config(trial, stage), _input_config(student, stage)
+        keys = get_stage(stage).hashed_keys(ours)
+        assert ours.model.name == "teacher_tiny"
+        assert tracking.config_hash(ours, keys) == tracking.config_hash(theirs, keys)
+
+
 def test_gpu_configuration_composes_with_larger_models():
     assert _jobs("alexatm_gpu") == _jobs()
     cfg = _job("ft_final", "alexatm_gpu")
@@ -130,7 +148,7 @@ TINY_EXPERIMENT = [
 
 
 @pytest.mark.slow
-def test_tiny_multirun_of_two_jobs(tmp_path: Path, data_env):
+def test_tiny_multirun_of_two_jobs_then_the_ablation_sweep(tmp_path: Path, data_env):
     result = atm_train([*TINY_EXPERIMENT, f"{JOBS_KEY}=ft_stage2_l,ft_final", "-m"], tmp_path, data_env)
     assert result.returncode == 0, result.stderr[-3000:]
     from mlflow.tracking import MlflowClient
@@ -156,3 +174,22 @@ def test_tiny_multirun_of_two_jobs(tmp_path: Path, data_env):
                 f"eval/massive/{locale}/{score}"]
             if b < 1:
                 assert student_ft.data.metrics[key] == pytest.approx(((1 - s) - (1 - b)) / (1 - b))
+    # the ablation sweep, after the experiment: its trials reuse the experiment's teachers
+    result = atm_train([*TINY_EXPERIMENT, "+sweep=alexatm_mini_ablation", "hydra.sweeper.n_trials=2", "-m"], tmp_path,
+                       data_env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    trials = [t for t in client.search_runs(["1"], "tags.`atm.sweep` = 'alexatm_mini_ablation'")
+              if tracking.TAG_SWEEP_PARENT not in t.data.tags]
+    assert len(trials) == 2 and all(t.info.status == "FINISHED" for t in trials)
+    assert {t.data.tags["atm.stage"] for t in trials} == {"distill_intermediate"}
+    stage1, stage2 = runs["pretrain_stage1"][0].info.run_id, runs["pretrain_stage2"][0].info.run_id
+    assert {(t.data.tags["atm.input.teacher"], t.data.tags["atm.input.teacher_next"]) for t in trials} == {
+        (stage1, stage2)}
+    assert len(client.search_runs(["1"], "tags.`atm.stage` = 'pretrain_stage1'")) == 1
+    assert {t.data.params["distill.logit.loss"] for t in trials} <= {"soft_ce", "kl", "logit_mse"}
+    report = subprocess.run([sys.executable, str(REPO / "analysis" / "ablation_report.py"), "--tracking-uri",
+                             f"sqlite:///{tmp_path}/mlflow.db", "--sweep", "alexatm_mini_ablation", "--out",
+                             str(tmp_path / "ablation"), "--no-log"], cwd=tmp_path, env=data_env, check=False,
+                            capture_output=True, text=True, timeout=300)
+    assert report.returncode == 0, report.stderr
+    assert "| distill." in report.stdout and (tmp_path / "ablation" / "marginal_means.png").is_file()
