@@ -1,6 +1,7 @@
 """Golden values for every registered loss, layer-mapping tables and objective validation."""
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -149,3 +150,37 @@ def test_objective_rejects_impossible_combinations():
     with pytest.raises(AtmError, match="has no option"):
         DistillationObjective(_distill_cfg(intermediate={"loss": "infonce", "options": {"alpha": 0.5}}),
                               _config(), _config())
+
+
+def test_teacher_switch_state_restores_the_second_teacher(monkeypatch):
+    """fit saves a callback's state_dict with the training state: a distillation resumed after the switch must
+    go on with the second teacher, from the step it switched at, not switch again at the resumed step."""
+    from atm.lineage import Input
+    from atm.stages import distill as D
+
+    logged = []
+    monkeypatch.setattr(D.mlflow, "log_metric", lambda key, value, step: logged.append((key, value, step)))
+    cfg = OmegaConf.create({"distill": {"switch": {"criterion": "steps", "steps": 3}}, "augment": {"name": "none"},
+                            "data": {"max_seq_len": 16}})
+
+    def fresh():
+        teachers = [D.Teacher(torch.nn.Linear(1, 1), Input(role, Path(role))) for role in ("teacher", "teacher_next")]
+        state = {"teacher": teachers[0], "augmentation": None}
+        return D.TeacherSwitch(cfg, teachers, state, student=None, tokenizer=None), teachers, state
+
+    switch, teachers, state = fresh()
+    assert switch.state_dict()["since_step"] is None
+    for step in (1, 2, 3, 4):
+        switch(step)
+    assert state["teacher"] is teachers[1] and teachers[1].since_step == 4
+    assert logged == [("distill/teacher", 1, 4)]  # once, at the first step taught by the second teacher
+    saved = switch.state_dict()
+
+    resumed, teachers2, state2 = fresh()
+    resumed.load_state_dict(saved)
+    assert state2["teacher"] is teachers2[1] and teachers2[1].since_step == 4
+    resumed(7)
+    assert teachers2[1].since_step == 4 and len(logged) == 1
+    before, teachers3, state3 = fresh()
+    before.load_state_dict({"since_step": None, "best": float("inf"), "bad": 0})
+    assert state3["teacher"] is teachers3[0]

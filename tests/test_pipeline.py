@@ -185,8 +185,23 @@ def test_teacher_switch_on_plateau(store, data_env):
     assert [m.step for m in history] == [1, 2]
 
 
-@pytest.mark.parametrize("sweep", ["layer_mappings", "intermediate_objectives", "augmentation", "distiller_full",
-                                   "bench_teacher_cache"])
+#: Sweep files run here, one trial each; the others run in the tests named.
+SWEEPS_RUN_HERE = ["layer_mappings", "intermediate_objectives", "augmentation", "distiller_full", "bench_teacher_cache",
+                   "student_cost"]
+SWEEPS_RUN_ELSEWHERE = {
+    "distill_losses": "test_sweep_three_trials_nested_and_study",
+    "bench_pruning": "test_sweep_runs.py",
+    "autodistiller_massive": "test_autodistiller.py", "autodistiller_xnli": "test_autodistiller.py",
+    "alexatm_mini_ablation": "test_experiment.py",
+}
+
+
+def test_every_sweep_file_has_a_test_that_runs_it():
+    files = {path.stem for path in (REPO / "sweeps").glob("*.yaml")}
+    assert files == set(SWEEPS_RUN_HERE) | set(SWEEPS_RUN_ELSEWHERE)
+
+
+@pytest.mark.parametrize("sweep", SWEEPS_RUN_HERE)
 def test_every_sweep_config_runs(store, data_env, sweep):
     """Each sweep file composes, passes the sweeper's pre-flight checks and runs a trial on real data."""
     result = atm_train(["-m", f"+sweep={sweep}", "hydra.sweeper.n_trials=1", f"hydra.sweeper.study_name=t_{sweep}",

@@ -116,6 +116,10 @@ def batch_stream(examples: Sequence, batch_size: int, collate: Callable, seed: i
     return BatchStream(examples, batch_size, collate, seed)
 
 
+#: Batch size of forward-only scoring (perplexity, mask filling, XNLI accuracy).
+EVAL_BATCH = 64
+
+
 def batches(examples: Sequence, batch_size: int, collate: Callable) -> Iterator[dict]:
     """One pass over ``examples`` in order (for evaluation)."""
     return iter(DataLoader(examples, batch_size=batch_size, shuffle=False, collate_fn=collate))

@@ -192,9 +192,24 @@ class TeacherSwitch:
                 self.bad += 1
             switch = self.bad >= self.cfg.patience
         if switch:
-            self.teachers[1].since_step = step + 1
-            self.state["teacher"] = self.teachers[1]
-            self.state["augmentation"] = A.build_augmentation(self.augment_cfg, tokenizer=self.tokenizer,
-                                                              teacher=self.teachers[1].model)
+            self._switch(since_step=step + 1)
             mlflow.log_metric("distill/teacher", 1, step=step + 1)
             log.info("switching to teacher_next (%s) after step %d", self.teachers[1].source.run_id, step)
+
+    def _switch(self, since_step: int) -> None:
+        self.teachers[1].since_step = since_step
+        self.state["teacher"] = self.teachers[1]
+        self.state["augmentation"] = A.build_augmentation(self.augment_cfg, tokenizer=self.tokenizer,
+                                                          teacher=self.teachers[1].model)
+
+    def state_dict(self) -> dict:
+        """The switch's progress, saved with the training state (``fit``'s exact resume): the first step
+        taught by the second teacher (None before the switch) and the plateau criterion's counters."""
+        switched = self.state["teacher"] is self.teachers[1]
+        return {"since_step": self.teachers[1].since_step if switched else None, "best": self.best, "bad": self.bad}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore :meth:`state_dict`: a run resumed after the switch goes on with the second teacher."""
+        self.best, self.bad = state["best"], state["bad"]
+        if state["since_step"] is not None:
+            self._switch(state["since_step"])

@@ -25,7 +25,6 @@ mask_fill}.{csv,md}``, every metric of every checkpoint as ``evaluation/checkpoi
 
 from __future__ import annotations
 
-import random
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -39,17 +38,16 @@ from tqdm.auto import tqdm
 from atm import metrics as M
 from atm import tracking
 from atm.data import corpora
-from atm.data.collate import batch_stream, batches, mlm_collator, tokenize_lines
+from atm.data.collate import EVAL_BATCH, batches, mlm_collator, tokenize_lines
 from atm.data.massive import OUTSIDE
 from atm.data.ud import pud_sentences
-from atm.data.xnli import xnli_test, xnli_test_languages, xnli_train
+from atm.data.xnli import xnli_test_languages
 from atm.engine.loop import device_for, fit, to_device
 from atm.errors import AtmError
 from atm.models.encoder import mlm_forward
 from atm.models.heads import build_pair_classifier
 from atm.stages.finetune import load_encoder, log_table, read_locales
-
-EVAL_BATCH = 64
+from atm.stages.finetune_xnli import evaluate_xnli, pair_stream, train_pairs
 
 
 @torch.no_grad()
@@ -150,64 +148,27 @@ def noun_mask_fill(model, tokenizer, lang: str, max_sentences: int, max_seq_len:
 
 def xnli_zero_shot(checkpoint: Path, tokenizer, cfg: DictConfig, trainer_cfg: DictConfig, seed: int
                    ) -> dict[str, float]:
-    """Fine-tune the checkpoint's encoder on English XNLI, test every language with a labelled test set.
+    """Fine-tune the checkpoint's encoder on English XNLI, test every language with a labelled test set
+    (Conneau et al. 2018 zero-shot cross-lingual transfer).
 
-    Returns ``{lang: accuracy}`` (Conneau et al. 2018 zero-shot cross-lingual transfer).
+    The classifier (:func:`atm.models.heads.build_pair_classifier`) trains on the same English sample as the
+    ``finetune_xnli`` stage (:func:`atm.stages.finetune_xnli.train_pairs`) for ``cfg.epochs`` epochs.
+
+    Args:
+        cfg: the ``eval.xnli`` group; ``trainer_cfg``: the ``trainer`` group (device, precision, ...).
+
+    Returns:
+        :func:`atm.stages.finetune_xnli.evaluate_xnli`'s metrics: ``eval/xnli/<lang>/accuracy``,
+        ``..._se`` and ``eval/xnli/avg_accuracy`` (fractions).
     """
-    return {lang: acc for lang, (acc, _) in _xnli_zero_shot(checkpoint, tokenizer, cfg, trainer_cfg, seed).items()}
-
-
-def _xnli_zero_shot(checkpoint: Path, tokenizer, cfg: DictConfig, trainer_cfg: DictConfig, seed: int
-                    ) -> dict[str, tuple[float, int]]:
-    device = device_for(trainer_cfg)
-    model = build_pair_classifier(checkpoint, num_labels=3).to(device)
-    pairs = xnli_train("en")
-    random.Random(seed).shuffle(pairs)
-    examples = _pair_examples(tokenizer, pairs[:cfg.train_pairs], cfg.max_seq_len)
-    steps = max(1, cfg.epochs * len(examples) // cfg.batch_size)
+    model = build_pair_classifier(checkpoint, num_labels=3).to(device_for(trainer_cfg))
+    pairs = train_pairs(cfg, seed)
+    steps = max(1, cfg.epochs * len(pairs) // cfg.batch_size)
     xnli_trainer = DictConfig({**trainer_cfg, "max_steps": steps, "lr": cfg.lr, "batch_size": cfg.batch_size,
                                "warmup_steps": max(1, steps // 10), "save_every": None})
-    fit(model, batch_stream(examples, cfg.batch_size, _pair_collator(tokenizer), seed),
+    fit(model, pair_stream(tokenizer, pairs, cfg.max_seq_len, cfg.batch_size, seed),
         lambda batch, step: (model(**batch).loss, {}), xnli_trainer, desc="xnli", log_metrics=False)
-    return xnli_accuracies(model, tokenizer, xnli_test_languages(), cfg)
-
-
-@torch.no_grad()
-def xnli_accuracies(model, tokenizer, languages: Sequence[str], cfg: DictConfig) -> dict[str, tuple[float, int]]:
-    """``{lang: (accuracy, n)}`` of a pair classifier on the first ``cfg.max_test_pairs_per_lang`` labelled
-    test pairs of each language (``cfg``: the ``eval.xnli`` group).
-
-    Raises:
-        AtmError: a language without a labelled test set.
-    """
-    device = next(model.parameters()).device
-    model.eval()
-    out = {}
-    for lang in languages:
-        test = _pair_examples(tokenizer, xnli_test(lang)[:cfg.max_test_pairs_per_lang], cfg.max_seq_len)
-        predicted, gold = [], []
-        for batch in batches(test, EVAL_BATCH, _pair_collator(tokenizer)):
-            batch = to_device(batch, device)
-            predicted += model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
-                               ).logits.argmax(-1).tolist()
-            gold += batch["labels"].tolist()
-        out[lang] = (M.intent_accuracy(predicted, gold), len(gold))
-    return out
-
-
-def _pair_examples(tokenizer, pairs, max_seq_len: int) -> list[dict]:
-    enc = tokenizer([p.premise for p in pairs], [p.hypothesis for p in pairs], truncation=True,
-                    max_length=max_seq_len)
-    return [{"input_ids": ids, "labels": p.label} for ids, p in zip(enc["input_ids"], pairs)]
-
-
-def _pair_collator(tokenizer):
-    def collate(items):
-        batch = tokenizer.pad({"input_ids": [x["input_ids"] for x in items]}, return_tensors="pt")
-        batch["labels"] = torch.tensor([x["labels"] for x in items])
-        return batch
-
-    return collate
+    return evaluate_xnli(model, tokenizer, xnli_test_languages(), cfg)
 
 
 # ------------------------------------------------------------------------------------ evaluation data
@@ -287,11 +248,7 @@ def evaluate_checkpoint(path: Path, cfg: DictConfig, *, data: EvalData | None = 
     out.update({f"eval/mask_fill/spoken/{loc}/slot_accuracy": acc for loc, acc in slots.items()})
     if slots:
         out["eval/mask_fill/spoken/slot_accuracy"] = _mean(slots)
-    xnli = _xnli_zero_shot(path, tokenizer, cfg.eval.xnli, cfg.trainer, cfg.seed)
-    for lang, (acc, n) in xnli.items():
-        out[f"eval/xnli/{lang}/accuracy"] = acc
-        out[f"eval/xnli/{lang}/accuracy_se"] = M.standard_error(acc, n)
-    out["eval/xnli/avg_accuracy"] = _mean({lang: acc for lang, (acc, _) in xnli.items()})
+    out.update(xnli_zero_shot(path, tokenizer, cfg.eval.xnli, cfg.trainer, cfg.seed))
     return out
 
 

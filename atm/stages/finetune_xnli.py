@@ -13,18 +13,19 @@ saved as ``checkpoint``; it is the teacher of ``distill_task`` with ``stage.task
 from __future__ import annotations
 
 import random
+from collections.abc import Sequence
 
 import mlflow
+import torch
 from omegaconf import DictConfig
 
 from atm import metrics as M
-from atm.data.collate import batch_stream
-from atm.data.xnli import XnliPair, xnli_train
-from atm.engine.loop import device_for, fit
+from atm.data.collate import EVAL_BATCH, batch_stream, batches
+from atm.data.xnli import XnliPair, xnli_test, xnli_train
+from atm.engine.loop import device_for, fit, to_device
 from atm.models.heads import build_pair_classifier
 from atm.models.tokenizer import load_tokenizer
 from atm.stages.common import log_model
-from atm.stages.evaluate import _pair_collator, _pair_examples, xnli_accuracies
 
 #: The language XNLI classifiers are trained on (zero-shot transfer to the others).
 TRAIN_LANGUAGE = "en"
@@ -37,15 +38,55 @@ def train_pairs(xnli_cfg: DictConfig, seed: int) -> list[XnliPair]:
     return pairs[:xnli_cfg.train_pairs]
 
 
+def pair_examples(tokenizer, pairs: Sequence[XnliPair], max_seq_len: int) -> list[dict]:
+    """``{"input_ids": <s> premise </s></s> hypothesis </s> (at most max_seq_len sub-tokens), "labels": 0|1|2}``
+    per pair."""
+    enc = tokenizer([p.premise for p in pairs], [p.hypothesis for p in pairs], truncation=True,
+                    max_length=max_seq_len)
+    return [{"input_ids": ids, "labels": p.label} for ids, p in zip(enc["input_ids"], pairs)]
+
+
+def pair_collator(tokenizer):
+    """Pads :func:`pair_examples` items into ``input_ids[B,T]``, ``attention_mask[B,T]``, ``labels[B]``."""
+    def collate(items):
+        batch = tokenizer.pad({"input_ids": [x["input_ids"] for x in items]}, return_tensors="pt")
+        batch["labels"] = torch.tensor([x["labels"] for x in items])
+        return batch
+
+    return collate
+
+
 def pair_stream(tokenizer, pairs: list[XnliPair], max_seq_len: int, batch_size: int, seed: int):
-    """Endless shuffled batches of ``pairs``: ``input_ids[B,T]`` (``<s> premise </s></s> hypothesis </s>``, at
-    most ``max_seq_len`` sub-tokens), ``attention_mask[B,T]``, ``labels[B]``."""
-    return batch_stream(_pair_examples(tokenizer, pairs, max_seq_len), batch_size, _pair_collator(tokenizer), seed)
+    """Endless shuffled batches of ``pairs`` (:func:`pair_collator`)."""
+    return batch_stream(pair_examples(tokenizer, pairs, max_seq_len), batch_size, pair_collator(tokenizer), seed)
+
+
+@torch.no_grad()
+def xnli_accuracies(model, tokenizer, languages: Sequence[str], xnli_cfg: DictConfig) -> dict[str, tuple[float, int]]:
+    """``{lang: (accuracy, n)}`` of a pair classifier on the first ``max_test_pairs_per_lang`` labelled test
+    pairs of each language (``xnli_cfg``: the ``eval.xnli`` group).
+
+    Raises:
+        AtmError: a language without a labelled test set (see :func:`atm.data.xnli.xnli_test`).
+    """
+    device = next(model.parameters()).device
+    model.eval()
+    out = {}
+    for lang in languages:
+        test = pair_examples(tokenizer, xnli_test(lang)[:xnli_cfg.max_test_pairs_per_lang], xnli_cfg.max_seq_len)
+        predicted, gold = [], []
+        for batch in batches(test, EVAL_BATCH, pair_collator(tokenizer)):
+            batch = to_device(batch, device)
+            predicted += model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
+                               ).logits.argmax(-1).tolist()
+            gold += batch["labels"].tolist()
+        out[lang] = (M.intent_accuracy(predicted, gold), len(gold))
+    return out
 
 
 def evaluate_xnli(model, tokenizer, languages, xnli_cfg: DictConfig, prefix: str = "eval/xnli") -> dict[str, float]:
     """Accuracy of a pair classifier on the first ``max_test_pairs_per_lang`` test pairs of each language
-    (:func:`atm.stages.evaluate.xnli_accuracies`).
+    (:func:`xnli_accuracies`), with its standard error ``sqrt(p(1-p)/n)``.
 
     Returns ``{<prefix>/<lang>/accuracy, <prefix>/<lang>/accuracy_se, <prefix>/avg_accuracy}`` (fractions).
 
