@@ -187,6 +187,10 @@ def test_tiny_multirun_of_two_jobs_then_the_ablation_sweep(tmp_path: Path, data_
         (stage1, stage2)}
     assert len(client.search_runs(["1"], "tags.`atm.stage` = 'pretrain_stage1'")) == 1
     assert {t.data.params["distill.logit.loss"] for t in trials} <= {"soft_ce", "kl", "logit_mse"}
+    # the sweep report names the objective the trials' stage has (the job, not the sweep's config, sets the stage)
+    (parent,) = client.search_runs(["1"], "tags.`atm.sweep_parent` = 'alexatm_mini_ablation'")
+    header = Path(client.download_artifacts(parent.info.run_id, "report/trials.csv", str(tmp_path))).read_text()
+    assert "eval/perplexity/spoken" in header.splitlines()[0].split(",")
     report = subprocess.run([sys.executable, str(REPO / "analysis" / "ablation_report.py"), "--tracking-uri",
                              f"sqlite:///{tmp_path}/mlflow.db", "--sweep", "alexatm_mini_ablation", "--out",
                              str(tmp_path / "ablation"), "--no-log"], cwd=tmp_path, env=data_env, check=False,

@@ -35,6 +35,8 @@ log = logging.getLogger(__name__)
 TAG_TRIAL_STATE = "atm.trial_state"
 TAG_PRUNED_AT = "atm.pruned_at_step"
 RUN_ATTR = "mlflow_run_id"
+#: Trial user attribute: the metric names the trial's values are (:func:`objective_names` of the job's config).
+OBJECTIVES_ATTR = "objectives"
 
 
 def in_sweep(cfg: DictConfig) -> bool:
@@ -81,7 +83,8 @@ def _trial(cfg: DictConfig):
 
 
 def attach(cfg: DictConfig, run_id: str):
-    """Link the running sweep trial to its MLflow run; return the ``optuna.Trial`` (None outside a sweep).
+    """Link the running sweep trial to its MLflow run and record the names of its objectives (the job's
+    config knows them: a job override may change the stage); return the ``optuna.Trial`` (None outside a sweep).
 
     Closes the MLflow runs still RUNNING of the trials this trial retries (their worker died).
     """
@@ -94,6 +97,7 @@ def attach(cfg: DictConfig, run_id: str):
     if retried:
         close_failed_runs(t for t in study.get_trials(deepcopy=False) if t.number in retried)
     trial.set_user_attr(RUN_ATTR, run_id)
+    trial.set_user_attr(OBJECTIVES_ATTR, objective_names(cfg))
     return trial
 
 

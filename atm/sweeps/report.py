@@ -33,6 +33,8 @@ import warnings
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+from atm.sweeps import OBJECTIVES_ATTR
+
 log = logging.getLogger(__name__)
 
 
@@ -67,6 +69,7 @@ def trials_table(study: Any, names: Sequence[str]):
     if df.empty:
         return df
     trials = {t.number: t for t in study.get_trials(deepcopy=False)}
+    df = df.drop(columns=[f"user_attrs_{OBJECTIVES_ATTR}"], errors="ignore")  # the value columns' names
     rename = {"user_attrs_mlflow_run_id": "mlflow_run_id", "user_attrs_worker": "worker"}
     if len(names) == 1:
         rename["value"] = names[0]
@@ -189,8 +192,11 @@ def report(study: Any, sweep_dir: str | Path, config: Any = None) -> Path:
     config has ``tracking``), log it on the sweep's MLflow parent run. Returns the report directory."""
     from omegaconf import OmegaConf
 
-    names = None
-    if config is not None:
+    # what the jobs recorded (a job override may change the stage, and so its objective), else the sweep's config
+    recorded = {tuple(t.user_attrs[OBJECTIVES_ATTR]) for t in study.get_trials(deepcopy=False)
+                if t.user_attrs.get(OBJECTIVES_ATTR)}
+    names = list(recorded.pop()) if len(recorded) == 1 else None
+    if names is None and config is not None:
         names = OmegaConf.select(config, "hydra.sweeper.objectives")
         if names is None and len(study.directions) == 1:
             names = [OmegaConf.select(config, "stage.objective", default="objective")]
