@@ -80,6 +80,9 @@ def test_jobs_cover_the_paper():
     assert {c.encoder for c in full if c.finetune.freeze_encoder} == {"pretrain_stage1", "pretrain_stage2"}
     zero = [c for c in finetuned if c.finetune.setting == "zero_shot"]
     assert zero and all(list(c.finetune.locales) == ["en-US"] and len(c.finetune.eval_locales) >= 5 for c in zero)
+    # zero-shot too: each student, its teacher and the same-size Stage-2 model (distillation_table's baselines)
+    assert {(c.encoder, c.alexatm.teacher if c.encoder == "pretrain_stage2" else None) for c in zero} == {
+        *(("pretrain_stage2", t) for t in teachers), ("distill_intermediate", None), ("distill_final", None)}
 
 
 def test_lineage_trains_the_sizes_and_checkpoints_each_job_names():
