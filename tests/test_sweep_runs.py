@@ -68,10 +68,17 @@ def tokenizer_dir(tmp_path_factory, data_env) -> Path:
                                                     dst_path=str(cwd / "download"), tracking_uri=uri))
 
 
+def _default_sigint() -> None:
+    """In the child before exec: a test run from a background job (``cmd &`` in a script) has SIGINT ignored,
+    which children inherit, and then Python installs no KeyboardInterrupt handler; restore the default so
+    that the test's Ctrl-C reaches the sweep."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _popen(args: list[str], cwd: Path, env: dict[str, str], log: Path) -> subprocess.Popen:
     handle = open(log, "w")
     return subprocess.Popen([sys.executable, "-m", "atm.train", *args], cwd=cwd, env=env, stdout=handle,
-                            stderr=subprocess.STDOUT, text=True)
+                            stderr=subprocess.STDOUT, text=True, preexec_fn=_default_sigint)
 
 
 def _wait_for(predicate, timeout: float, what: str, procs=()):
@@ -297,9 +304,14 @@ def test_three_workers_on_postgres_one_killed(tmp_path, data_env, pg_databases):
                for i in range(3)]
     pids = {p.pid: p for p in workers}
     try:
+        storage = None  # one storage for the polling: a new one per poll holds a pooled connection until the
+                        # garbage collector frees it, and ~100 of them exhaust PostgreSQL's max_connections
+
         def victim():
+            nonlocal storage
             try:
-                study = optuna.load_study(study_name="workers", storage=optuna_url)
+                storage = storage or optuna.storages.RDBStorage(optuna_url)
+                study = optuna.load_study(study_name="workers", storage=storage)
             except Exception:
                 return None
             trials = study.get_trials(deepcopy=False)
