@@ -4,6 +4,7 @@ uninterrupted run, in the same MLflow run; corrupt or truncated states fail with
 
 from __future__ import annotations
 
+import math
 import os
 import signal
 import subprocess
@@ -183,3 +184,26 @@ def test_corrupt_or_truncated_state_is_one_line_error_and_nothing_is_deleted(tmp
     after = sorted(p.relative_to(run_dir) for p in run_dir.rglob("*"))
     assert after == [p for p in before if p != path.relative_to(run_dir)] or after == before
     assert (run_dir / "step-000003" / S.MANIFEST).is_file()
+
+
+def test_stop_training_ends_fit_after_that_step_and_reports_the_steps_trained(tmp_path):
+    from atm.engine.loop import StopTraining
+
+    torch.manual_seed(0)
+    model = _Tiny()
+    seen = []
+    cfg = OmegaConf.create({"max_steps": 10, "batch_size": 8, "lr": 1e-2, "weight_decay": 0.01,
+                            "warmup_steps": 3, "grad_clip": 1.0, "precision": "fp32", "log_every": 5,
+                            "grad_accum_steps": 1})
+    examples = [{"input_ids": [1, 2, 3, 4, 5, 6], "label": i % 3} for i in range(16)]
+
+    def stop_at_4(step):
+        if step == 4:
+            raise StopTraining
+
+    summary = fit(model, BatchStream(examples, 8, _collate, seed=3),
+                  lambda batch, step: (torch.nn.functional.cross_entropy(model(batch["input_ids"]), batch["labels"]),
+                                       {}),
+                  cfg, log_metrics=False, callbacks=[stop_at_4, seen.append])
+    assert seen == [1, 2, 3, 4]  # the callbacks after the stopping one still ran for step 4, then nothing
+    assert summary["train/step"] == 4 and math.isfinite(summary["train/loss"])

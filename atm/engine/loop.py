@@ -31,6 +31,10 @@ PRECISIONS = ("fp32", "bf16", "fp16")
 LossFn = Callable[[dict, int], "tuple[torch.Tensor, dict[str, float]]"]
 
 
+class StopTraining(Exception):
+    """Raised by a ``fit`` callback to end training after the current step (early stopping)."""
+
+
 def device_for(trainer_cfg: DictConfig) -> torch.device:
     """``trainer.device``: ``auto`` picks CUDA when available, else CPU. Under a launcher (``LOCAL_RANK``
     set) each process of a node gets its own GPU, ``cuda:<LOCAL_RANK>``."""
@@ -170,7 +174,8 @@ def fit(module: torch.nn.Module, stream: Iterator[dict], loss_fn: LossFn, cfg: D
             warmup_steps, grad_clip, precision, backend, deepspeed, activation_checkpointing, log_every,
             state_every, keep_last).
         callbacks: each called with the step number after every optimiser step (checkpointing,
-            evaluation, teacher switching, pruning); their exceptions propagate. A callback with
+            evaluation, teacher switching, pruning, early stopping); their exceptions propagate, except
+            :class:`StopTraining`, which ends training after that step (the remaining callbacks still run). A callback with
             ``state_dict()``/``load_state_dict()`` has its state saved and restored with the training state.
         state_dir: where this run's resumable states live (:func:`atm.engine.state.run_state_dir`); None:
             no state. ``fit`` resumes from the newest state there, and writes one every
@@ -180,7 +185,8 @@ def fit(module: torch.nn.Module, stream: Iterator[dict], loss_fn: LossFn, cfg: D
     ``world_size`` processes. The logged loss of a step is the mean over its micro-batches and ranks.
 
     Returns:
-        ``{"<prefix>/loss": mean loss of the last logging window, "<prefix>/step": steps,
+        ``{"<prefix>/loss": mean loss of the last logging window, "<prefix>/step": steps trained (fewer than
+        ``max_steps`` after :class:`StopTraining`),
         "<prefix>/seconds": wall time, "<prefix>/samples_per_second": throughput}``.
 
     Raises:
@@ -241,15 +247,24 @@ def fit(module: torch.nn.Module, stream: Iterator[dict], loss_fn: LossFn, cfg: D
                     mlflow.log_metrics(last, step=step)
                 progress.set_postfix(loss=f"{last[f'{metric_prefix}/loss']:.3f}")
                 window, window_steps = {}, 0
+            stop = False
             for callback in callbacks:
-                callback(step)
+                try:
+                    callback(step)
+                except StopTraining:
+                    stop = True
             every = cfg.get("state_every")
-            if run_dir is not None and every and (step % every == 0 or step == cfg.max_steps):
+            if run_dir is not None and every and (step % every == 0 or step == cfg.max_steps or stop):
                 _save(run_dir, step, backend, stream, callbacks, cfg,
                       {"window": window, "window_steps": window_steps, "samples": samples,
                        "seconds": time.perf_counter() - start, "last": last})
+            if stop:
+                if window_steps:
+                    last = {f"{metric_prefix}/{k}": v / window_steps for k, v in window.items()}
+                break
         seconds = time.perf_counter() - start
-    totals = {f"{metric_prefix}/step": float(cfg.max_steps), f"{metric_prefix}/seconds": seconds,
+    totals = {f"{metric_prefix}/step": float(step if cfg.max_steps >= first else cfg.max_steps),
+              f"{metric_prefix}/seconds": seconds,
               f"{metric_prefix}/samples_per_second": samples / max(seconds, 1e-9)}
     if log_metrics:
         mlflow.log_metrics(totals, step=cfg.max_steps)
