@@ -24,6 +24,7 @@ launcher; one process needs no launcher. On CPU the collective backend is gloo.
 
 from __future__ import annotations
 
+import atexit
 import json
 import logging
 import os
@@ -55,7 +56,7 @@ _OWNED = {
 # checkpoint of the same layout does not need them.
 _ZERO_OBJECTS = ("zero_stage", "param_slice_mappings")
 _ATM_BUILDS = {"optimizer": "the optimizer (AdamW: trainer.lr, trainer.weight_decay)",
-               "scheduler": "the schedule (linear warm-up and decay: trainer.warmup_steps)"}
+               "scheduler": "the schedule (trainer.schedule, trainer.warmup_steps)"}
 
 
 def world() -> tuple[int, int]:
@@ -172,7 +173,17 @@ def init_distributed() -> tuple[int, int]:
 
         logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
         deepspeed.init_distributed(verbose=False)
+        atexit.register(_leave_process_group)
     return dist.get_rank(), dist.get_world_size()
+
+
+def _leave_process_group() -> None:
+    """At exit, destroy the process group: left to the interpreter's teardown, a gloo rank can abort with
+    "terminate called without an active exception" (its communication threads are still joinable)."""
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 @contextmanager
