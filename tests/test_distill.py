@@ -58,13 +58,18 @@ def test_mlm_ce_golden():
     assert LOSSES["mlm_ce"].fn(logits, labels).item() == pytest.approx(-math.log(0.75), abs=1e-6)
 
 
+# PKD (Sun et al. 2019) leaves the top layer pair to the logit loss in both skip and last; the official code
+# distils a 3-layer student from 12-layer teacher layers 10, 11 (PKD-Last) and a 6-layer one from layers
+# 2, 4, 6, 8, 10 (PKD-Skip).
 @pytest.mark.parametrize("n_t,n_s,uniform,skip,last", [
+    (12, 3, [(0, 0), (1, 4), (2, 8), (3, 12)], [(1, 4), (2, 8)], [(1, 10), (2, 11)]),
     (12, 4, [(0, 0), (1, 3), (2, 6), (3, 9), (4, 12)], [(1, 3), (2, 6), (3, 9)],
-     [(1, 9), (2, 10), (3, 11), (4, 12)]),
+     [(1, 9), (2, 10), (3, 11)]),
     (12, 6, [(0, 0), (1, 2), (2, 4), (3, 6), (4, 8), (5, 10), (6, 12)], [(1, 2), (2, 4), (3, 6), (4, 8), (5, 10)],
-     [(1, 7), (2, 8), (3, 9), (4, 10), (5, 11), (6, 12)]),
+     [(1, 7), (2, 8), (3, 9), (4, 10), (5, 11)]),
     (24, 4, [(0, 0), (1, 6), (2, 12), (3, 18), (4, 24)], [(1, 6), (2, 12), (3, 18)],
-     [(1, 21), (2, 22), (3, 23), (4, 24)]),
+     [(1, 21), (2, 22), (3, 23)]),
+    (12, 1, [(0, 0), (1, 12)], [], []),
 ])
 def test_mapping_tables(n_t, n_s, uniform, skip, last):
     assert get_mapping("uniform", n_t, n_s) == uniform
@@ -85,6 +90,12 @@ def test_transport_plan_marginals_and_preference():
 def test_mapping_errors():
     with pytest.raises(AtmError, match="more layers"):
         get_mapping("uniform", 4, 12)
+    with pytest.raises(AtmError, match="more layers"):
+        get_mapping("last", 4, 12)
+    for name in ("skip", "last"):  # a 1-layer student has only the top layer, left to the logit loss
+        with pytest.raises(AtmError, match=f"layer_mapping={name} maps no layer"):
+            DistillationObjective(_distill_cfg(intermediate={"layer_mapping": name}), _config(),
+                                  _config(num_hidden_layers=1))
     with pytest.raises(AtmError, match="layer_mapping='nope'"):
         get_mapping("nope", 12, 4)
 

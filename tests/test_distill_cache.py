@@ -67,9 +67,10 @@ def test_keys_change_with_what_changes_the_tensors():
         assert cache_key(**{**base, **change}) != cache_key(**base)
 
 
-def test_logit_mse_needs_all_logits():
-    cfg = OmegaConf.create({"logit": {"loss": "logit_mse"}, "cache": {"enabled": True, "top_k": 8}})
-    with pytest.raises(AtmError, match="distill.cache.top_k"):
+@pytest.mark.parametrize("loss", ["logit_mse", "logit_mse_over_t"])
+def test_logit_mse_needs_all_logits(loss):
+    cfg = OmegaConf.create({"logit": {"loss": loss}, "cache": {"enabled": True, "top_k": 8}})
+    with pytest.raises(AtmError, match=f"distill.cache.top_k.*distill.logit.loss={loss} "):
         check_cache_config(cfg)
     cfg.cache.top_k = None
     check_cache_config(cfg)

@@ -1,5 +1,6 @@
-"""Golden values for the hidden, pooled and attention distillation losses, the critics, ``build_loss``
-and the pre-softmax attention scores of :mod:`atm.models.attention`.
+"""Golden values for the logit-MSE conventions and the hidden, pooled and attention distillation losses,
+the critics, ``build_loss`` and the pre-softmax attention scores of :mod:`atm.models.attention`; bf16 token
+counts and empty selections.
 
 References are computed by hand (arithmetic in the comments) or by plain-Python loops written
 independently of the vectorised implementations.
@@ -44,7 +45,74 @@ def test_registry_kinds_and_trainable_flags():
         get_loss("nope", "pooled", "distill.pooled.loss")
 
 
+# ----------------------------------------------------------------------------------------------- logit
+
+LOGITS_S = torch.tensor([[0.0, math.log(3.0)], [1.0, -1.0]])
+LOGITS_T = torch.tensor([[0.0, 0.0], [1.0, 1.0]])
+SQUARED = math.log(3.0) ** 2 + 4.0  # sum of the squared logit differences: ln 3 and -2
+
+
+def test_logit_mse_conventions_golden():
+    # raw logits (Ba & Caruana 2014; Kim et al. 2021): mean over the 4 entries, whatever T
+    for t in (1.0, 2.0, 4.0):
+        assert _close(LOSSES["logit_mse"].fn(LOGITS_S, LOGITS_T, temperature=t).item(), SQUARED / 4)
+    # TextBrewer's kd_mse_loss: logits divided by T first, = SQUARED / (4 T^2)
+    assert _close(LOSSES["logit_mse_over_t"].fn(LOGITS_S, LOGITS_T, temperature=1.0).item(), SQUARED / 4)
+    assert _close(LOSSES["logit_mse_over_t"].fn(LOGITS_S, LOGITS_T, temperature=2.0).item(), SQUARED / 16)
+    g = torch.Generator().manual_seed(0)
+    zs, zt = 3 * torch.randn(5, 7, generator=g), 3 * torch.randn(5, 7, generator=g)
+    textbrewer = torch.nn.functional.mse_loss(zs / 3.0, zt / 3.0)
+    assert _close(LOSSES["logit_mse_over_t"].fn(zs, zt, 3.0).item(), textbrewer.item())
+    # with t_squared the T^2 cancels: T^2 * over_t == logit_mse
+    assert _close(9.0 * LOSSES["logit_mse_over_t"].fn(zs, zt, 3.0).item(), LOSSES["logit_mse"].fn(zs, zt, 3.0).item())
+    # the convention is chosen by name; a misspelt one is a one-line error naming the key and both conventions
+    with pytest.raises(AtmError, match=r"^distill.logit.loss='logit_mse_t' is not .*logit_mse, logit_mse_over_t"):
+        get_loss("logit_mse_t", "logit", "distill.logit.loss")
+
+
+@pytest.mark.parametrize("name", ["soft_ce", "kl", "logit_mse", "logit_mse_over_t"])
+def test_logit_losses_of_no_position_are_zero(name):
+    """A batch without masked token selects no logit row: the loss is 0 with a zero gradient, not NaN."""
+    z_s = torch.zeros(0, 5, requires_grad=True)
+    value = LOSSES[name].fn(z_s, torch.zeros(0, 5), temperature=2.0)
+    value.backward()
+    assert value.item() == 0.0 and torch.equal(z_s.grad, torch.zeros(0, 5))
+
+
+def test_mlm_ce_without_masked_token_is_zero():
+    logits = torch.randn(2, 3, 5, requires_grad=True)
+    value = LOSSES["mlm_ce"].fn(logits, torch.full((2, 3), -100))
+    value.backward()
+    assert value.item() == 0.0 and torch.equal(logits.grad, torch.zeros(2, 3, 5))
+    assert LOSSES["mlm_ce"].fn(torch.zeros(0, 5), torch.zeros(0, dtype=torch.long)).item() == 0.0
+
+
 # ---------------------------------------------------------------------------------------------- hidden
+
+
+def test_hidden_losses_count_bf16_tokens_exactly():
+    """2,251 real tokens: a bf16 count rounds to 2,256, so counting in the input dtype would give 2251/2256."""
+    assert torch.ones(2251, dtype=torch.bfloat16).sum().item() == 2256  # the rounding this test guards against
+    mask = torch.zeros(2, 1200, dtype=torch.long)
+    mask[0], mask[1, :1051] = 1, 1  # 1,200 + 1,051 = 2,251 real tokens
+    # real tokens: h_s = (1, 0), h_t = (0, 1): squared distance 2 over D = 2, cosine 0; padding: opposite and
+    # large (would add 80,000 per token to the MSE and 2 to the cosine distance)
+    h_s = torch.tensor([1.0, 0.0]).expand(2, 1200, 2).clone()
+    h_t = torch.tensor([0.0, 1.0]).expand(2, 1200, 2).clone()
+    h_s[mask == 0], h_t[mask == 0] = 100.0, -100.0
+    h_s, h_t = h_s.to(torch.bfloat16), h_t.to(torch.bfloat16)
+    assert LOSSES["hidden_mse"].fn(h_s, h_t, mask).item() == pytest.approx(1.0, rel=1e-6)
+    assert LOSSES["hidden_cosine"].fn(h_s, h_t, mask).item() == pytest.approx(1.0, rel=1e-6)
+    assert LOSSES["hidden_mse"].fn(h_s, h_t, mask.to(torch.bfloat16)).item() == pytest.approx(1.0, rel=1e-6)
+
+
+@pytest.mark.parametrize("name", ["hidden_mse", "hidden_cosine", "attention_mse", "attention_kl"])
+def test_masked_losses_of_no_real_token_are_zero(name):
+    shape = (2, 2, 3, 3) if name.startswith("attention") else (2, 3, 4)
+    x = torch.randn(*shape, requires_grad=True)
+    value = LOSSES[name].fn(x, torch.randn(*shape), torch.zeros(2, 3, dtype=torch.long))
+    value.backward()
+    assert value.item() == 0.0 and torch.isfinite(x.grad).all()
 
 
 def test_hidden_cosine_golden_ignores_padding():

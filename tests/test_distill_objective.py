@@ -120,3 +120,23 @@ def test_every_augmentation_feeds_the_objective(name):
     assert torch.isfinite(total)
     if name != "mixup":
         assert aug.last_rate > 0
+
+
+@pytest.mark.parametrize("logit", ["soft_ce", "logit_mse_over_t", None])
+@pytest.mark.parametrize("hard_weight", [0.0, 1.0])
+def test_batch_without_masked_token_contributes_zero(logit, hard_weight):
+    """No masked token: the hard and logit terms are 0 (not NaN, which stops fit even times hard_weight 0);
+    the hidden-state term still trains the student."""
+    teacher, student = _model(4, 32, 4, seed=0).eval(), _model(2, 16, 2, seed=1)
+    cfg = _cfg("hidden_mse")
+    cfg.hard_weight, cfg.logit.loss = hard_weight, logit
+    objective = DistillationObjective(cfg, teacher.config, student.config)
+    batch = _batch()
+    batch["labels"][:] = -100
+    total, parts = _step(objective, teacher, student, batch)
+    assert parts["mlm"] == 0.0 and parts.get(logit, 0.0) == 0.0 and parts["hidden_mse"] > 0
+    assert total.item() == pytest.approx(parts["hidden_mse"], rel=1e-6)
+    total.backward()
+    grads = [p.grad for p in student.parameters() if p.grad is not None]
+    assert grads and all(torch.isfinite(g).all() for g in grads)
+    assert student.roberta_prelayernorm.encoder.layer[0].attention.self.query.weight.grad.abs().sum() > 0

@@ -16,8 +16,8 @@ path), the data settings, the seed and batch size (the data order), the corpus, 
 the augmentation (:func:`atm.distill.augment.augmentation_key`), which positions are scored, and top-k.
 Each file is written to a temporary name and renamed, so an interrupted trial leaves no partial entry.
 With top-k logits the teacher distribution is renormalised over its k most likely tokens (the usual
-approximation of cached/offline distillation, e.g. Shleifer & Rush 2020); ``logit_mse`` needs all
-logits and is refused with ``top_k``.
+approximation of cached/offline distillation, e.g. Shleifer & Rush 2020); ``logit_mse`` and
+``logit_mse_over_t`` need all logits and are refused with ``top_k``.
 """
 
 from __future__ import annotations
@@ -32,6 +32,7 @@ from typing import Any, Iterable, Mapping
 import numpy as np
 import torch
 
+from atm.distill.losses import FULL_LOGIT_LOSSES
 from atm.errors import AtmError
 
 #: Logit value for vocabulary entries outside the cached top-k (softmax weight ~ e^-1e4 = 0).
@@ -157,12 +158,14 @@ class TeacherCache:
 
 
 def check_cache_config(distill_cfg) -> None:
-    """Reject a cache setting that cannot work: ``logit_mse`` needs every logit, so no ``top_k``.
+    """Reject a cache setting that cannot work: the MSE logit losses (``FULL_LOGIT_LOSSES``) need every
+    logit, so no ``top_k``.
 
     Raises:
         AtmError: naming ``distill.cache.top_k``.
     """
     cache = distill_cfg.get("cache")
-    if cache and cache.enabled and cache.top_k and distill_cfg.logit.loss == "logit_mse":
-        raise AtmError("distill.cache.top_k keeps only the teacher's top-k logits but distill.logit.loss=logit_mse "
-                       "needs all of them: set distill.cache.top_k=null or disable the cache")
+    loss = distill_cfg.logit.loss
+    if cache and cache.enabled and cache.top_k and loss in FULL_LOGIT_LOSSES:
+        raise AtmError(f"distill.cache.top_k keeps only the teacher's top-k logits but distill.logit.loss={loss} "
+                       f"needs all of them: set distill.cache.top_k=null or disable the cache")

@@ -1,7 +1,9 @@
 """The one loss registry. Each loss is registered by name and kind with :func:`register_loss`.
 
 Conventions: teacher tensors end in ``_t``, student tensors in ``_s``. Every loss returns a scalar mean
-(float32). The kinds and their call signatures:
+(float32); counts are formed in int64 and sums in float32, whatever the input dtype (a bf16 count of 2,251
+tokens would round to 2,256), and a mean over an empty selection (no masked token, no real token) is 0,
+not NaN. The kinds and their call signatures:
 
 * ``hard``: ``(logits_s[..., V], labels[...])``.
 * ``logit``: ``(logits_s[N, C], logits_t[N, C], temperature)`` (N positions or examples, C classes or
@@ -150,13 +152,31 @@ def build_loss(spec: LossSpec, d_s: int, d_t: int, **options: Any) -> nn.Module:
 # ------------------------------------------------------------------------------------- hard and logit
 
 
+def _row_mean(values: torch.Tensor) -> torch.Tensor:
+    """Mean of the float32 ``values[N]``; 0 (not NaN) when N = 0."""
+    return values.float().sum() / max(values.numel(), 1)
+
+
+def _masked_mean(values: torch.Tensor, mask: torch.Tensor, per_item: int = 1) -> torch.Tensor:
+    """``sum_{mask=1} values / (n * per_item)`` with ``n`` the number of ones in ``mask`` (counted in int64),
+    ``values`` and ``mask`` of one shape; 0 when the mask is empty. Masked-out entries are dropped, not
+    multiplied by 0, so an inf there cannot turn the result into NaN."""
+    keep = mask.bool()
+    total = torch.where(keep, values.float(), torch.zeros((), device=values.device)).sum()
+    return total / (keep.sum() * per_item).clamp_min(1)
+
+
 @register_loss("mlm_ce", "hard")
 def mlm_ce(logits_s: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """MLM cross-entropy: mean over positions with ``labels != -100`` of ``-log softmax(z_s)[label]``.
+    """MLM cross-entropy: mean over positions with ``labels != -100`` of ``-log softmax(z_s)[label]``
+    (Devlin et al. 2019); 0 when no position is labelled (a batch without masked token).
 
-    Shapes: ``logits_s[..., V]``, ``labels[...]`` (Devlin et al. 2019).
+    Shapes: ``logits_s[..., V]``, ``labels[...]``.
     """
-    return F.cross_entropy(logits_s.reshape(-1, logits_s.shape[-1]).float(), labels.reshape(-1), ignore_index=-100)
+    labels = labels.reshape(-1)
+    total = F.cross_entropy(logits_s.reshape(-1, logits_s.shape[-1]).float(), labels, ignore_index=-100,
+                            reduction="sum")
+    return total / (labels != -100).sum().clamp_min(1)
 
 
 @register_loss("soft_ce", "logit")
@@ -164,29 +184,47 @@ def soft_ce(logits_s: torch.Tensor, logits_t: torch.Tensor, temperature: float =
     """Soft cross-entropy against the teacher's distribution at temperature T:
     ``mean_n  - sum_c softmax(z_t / T)_c * log softmax(z_s / T)_c``
     (Hinton et al. 2015, eq. 1 with the cross-entropy; DistilBERT's L_ce, Sanh et al. 2019; AlexaTM sec. 3.3).
-    Shapes ``[N, C]``; returns nats per position.
+    Shapes ``[N, C]``; returns nats per position (0 for N = 0).
     """
     p_t = F.softmax(logits_t.float() / temperature, dim=-1)
-    return -(p_t * F.log_softmax(logits_s.float() / temperature, dim=-1)).sum(-1).mean()
+    return _row_mean(-(p_t * F.log_softmax(logits_s.float() / temperature, dim=-1)).sum(-1))
 
 
 @register_loss("kl", "logit")
 def kl(logits_s: torch.Tensor, logits_t: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
     """KL divergence ``mean_n KL(softmax(z_t/T) || softmax(z_s/T))`` (Hinton et al. 2015; Distiller, He et
     al. 2021, sec. 3.1). Equals :func:`soft_ce` minus the teacher's entropy, so it has the same gradient in
-    the student. Shapes ``[N, C]``; nats per position.
+    the student. Shapes ``[N, C]``; nats per position (0 for N = 0).
     """
     log_p_t = F.log_softmax(logits_t.float() / temperature, dim=-1)
     log_p_s = F.log_softmax(logits_s.float() / temperature, dim=-1)
-    return (log_p_t.exp() * (log_p_t - log_p_s)).sum(-1).mean()
+    return _row_mean((log_p_t.exp() * (log_p_t - log_p_s)).sum(-1))
+
+
+#: Logit losses that need every vocabulary entry of the teacher (no top-k teacher cache).
+FULL_LOGIT_LOSSES = ("logit_mse", "logit_mse_over_t")
 
 
 @register_loss("logit_mse", "logit")
 def logit_mse(logits_s: torch.Tensor, logits_t: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
-    """Mean squared error between logits, ``mean_{n,c} (z_s - z_t)^2`` (Ba & Caruana 2014; Kim et al. 2021).
-    The temperature does not apply. Shapes ``[N, C]``.
+    """Mean squared error between raw logits, ``mean_{n,c} (z_s - z_t)^2``: logit matching (Ba & Caruana
+    2014; Kim et al. 2021, "Comparing Kullback-Leibler divergence and mean squared error loss in knowledge
+    distillation", whose ``||z_s - z_t||_2^2`` sums over the C classes where this averages). ``temperature``
+    is accepted and IGNORED: T^2 KL tends to logit matching as T -> inf (Hinton et al. 2015, sec. 2.1; Kim
+    et al. 2021). For TextBrewer's convention, which divides the logits by T, use :func:`logit_mse_over_t`.
+    Shapes ``[N, C]``; squared logit units; 0 for N = 0.
     """
-    return F.mse_loss(logits_s.float(), logits_t.float())
+    return _row_mean((logits_s.float() - logits_t.float()) ** 2)
+
+
+@register_loss("logit_mse_over_t", "logit")
+def logit_mse_over_t(logits_s: torch.Tensor, logits_t: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """Mean squared error between temperature-scaled logits, ``mean_{n,c} (z_s / T - z_t / T)^2
+    = logit_mse / T^2`` (TextBrewer's ``kd_mse_loss``, Yang et al. 2020, ``textbrewer/losses.py``). With
+    ``distill.logit.t_squared`` the factor T^2 cancels and the term equals :func:`logit_mse`. Shapes
+    ``[N, C]``; 0 for N = 0.
+    """
+    return _row_mean(((logits_s.float() - logits_t.float()) / temperature) ** 2)
 
 
 # ---------------------------------------------------------------------------------------------- hidden
@@ -197,9 +235,7 @@ def hidden_mse(h_s: torch.Tensor, h_t: torch.Tensor, mask: torch.Tensor) -> torc
     """Hidden-state MSE over real tokens, ``sum_{b,t: mask=1} ||h_s W - h_t||^2 / (n_tokens * D)``
     (TinyBERT, Jiao et al. 2020, eq. 8; ``h_s`` is already projected by W). Shapes ``[B, T, D]``, ``mask[B, T]``.
     """
-    m = mask.unsqueeze(-1).to(h_s.dtype)
-    sq = ((h_s.float() - h_t.float()) ** 2) * m
-    return sq.sum() / (m.sum() * h_s.shape[-1]).clamp_min(1.0)
+    return _masked_mean(((h_s.float() - h_t.float()) ** 2).sum(-1), mask, per_item=h_s.shape[-1])
 
 
 @register_loss("hidden_cosine", "hidden")
@@ -208,9 +244,8 @@ def hidden_cosine(h_s: torch.Tensor, h_t: torch.Tensor, mask: torch.Tensor) -> t
     (DistilBERT's cosine embedding loss L_cos, Sanh et al. 2019, sec. 3; Distiller, He et al. 2021,
     sec. 3.2). Shapes ``[B, T, D]``, ``mask[B, T]``; in [0, 2]. A zero vector has cosine 0 (eps 1e-8).
     """
-    m = mask.to(torch.float32)
     cos = F.cosine_similarity(h_s.float(), h_t.float(), dim=-1, eps=1e-8)
-    return ((1.0 - cos) * m).sum() / m.sum().clamp_min(1.0)
+    return _masked_mean(1.0 - cos, mask)
 
 
 # ---------------------------------------------------------------------------------------------- pooled
@@ -428,11 +463,11 @@ def attention_mse(a_s: torch.Tensor, a_t: torch.Tensor, mask: torch.Tensor | Non
         s, t = torch.where(s <= -1e2, zero, s), torch.where(t <= -1e2, zero, t)
         return ((s - t) ** 2).mean()
     m = mask.bool()
-    pair = (m[:, :, None] & m[:, None, :])[:, None]  # [B, 1, T, T]
+    pair = m[:, :, None] & m[:, None, :]  # [B, T, T]
     zero = torch.zeros((), device=s.device)
-    sq = (torch.where(pair, s, zero) - torch.where(pair, t, zero)) ** 2
-    n = pair.sum() * a_s.shape[1]
-    return sq.sum() / n.clamp_min(1)
+    keep = pair[:, None]
+    sq = (torch.where(keep, s, zero) - torch.where(keep, t, zero)) ** 2  # masked scores are -3.4e38
+    return _masked_mean(sq.sum(1), pair, per_item=a_s.shape[1])
 
 
 @register_loss("attention_kl", "attention")
@@ -456,5 +491,4 @@ def attention_kl(a_s: torch.Tensor, a_t: torch.Tensor, mask: torch.Tensor | None
     log_p_t = F.log_softmax(a_t.float().masked_fill(~keys, low), dim=-1)
     terms = torch.where(keys, log_p_t.exp() * (log_p_t - log_p_s), torch.zeros((), device=a_s.device))
     per_query = terms.sum(-1)  # [B, H, T]
-    queries = m[:, None, :].to(per_query.dtype)
-    return (per_query * queries).sum() / (queries.sum() * h).clamp_min(1.0)
+    return _masked_mean(per_query.sum(1), m, per_item=h)

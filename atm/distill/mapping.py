@@ -2,7 +2,8 @@
 
 Indices address ``hidden_states`` as returned by transformers with ``output_hidden_states=True``:
 0 is the embedding output, ``i`` the output of transformer layer ``i`` (attention maps of layer ``i``
-are ``attentions[i - 1]``).
+are ``attentions[i - 1]``). Only ``uniform`` maps the embeddings (pair ``(0, 0)``); the PKD mappings
+``skip`` and ``last`` map student layers 1 .. M-1 and leave the top layer to the logit loss.
 
 A *soft* mapping (``emd``) lists every (student, teacher) pair of transformer layers; the objective
 weights the pairs by a transport plan computed from the per-pair losses (:func:`transport_plan`).
@@ -57,10 +58,12 @@ def skip(n_teacher: int, n_student: int) -> Mapping:
 
 @register_mapping("last")
 def last(n_teacher: int, n_student: int) -> Mapping:
-    """PKD-Last (Sun et al. 2019, sec. 3.1): the student's layers learn the teacher's last M layers,
-    ``[(m, N - M + m)]``. 12 -> 4: ``[(1, 9), (2, 10), (3, 11), (4, 12)]``."""
+    """PKD-Last (Sun et al. 2019, sec. 3.1): student layer m learns teacher layer N - M + m for
+    m = 1 .. M-1, i.e. the teacher's last M-1 layers below its top one; like ``skip``, the last layer pair
+    is left to the logit loss (the official PKD code distils 12 -> 3 from teacher layers 10 and 11).
+    12 -> 4: ``[(1, 9), (2, 10), (3, 11)]``; a 1-layer student maps no layer."""
     _check(n_teacher, n_student, "last")
-    return [(m, n_teacher - n_student + m) for m in range(1, n_student + 1)]
+    return [(m, n_teacher - n_student + m) for m in range(1, n_student)]
 
 
 @register_mapping("first")

@@ -147,6 +147,10 @@ class DistillationObjective(nn.Module):
             labels: ``[N]`` MLM labels at those positions (-100 where nothing was masked).
             step: the training step (temperature schedule).
             hard_scale: factor on the hard loss (mixup: lambda, the weight of the example the labels are of).
+
+        A batch without any masked token (``N = 0`` with ``positions: masked``, or every label -100)
+        contributes 0 to the hard and logit terms (their means over no position are 0, not NaN), so it
+        neither stops training nor moves the student through those terms.
         """
         cfg = self.cfg
         parts: dict[str, torch.Tensor] = {"mlm": hard_scale * self.hard.fn(out_s["logits"], labels)}
