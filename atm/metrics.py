@@ -8,8 +8,11 @@ wrong number.
 Sources:
 
 * Perplexity, mask filling, XNLI-as-proxy: FitzGerald et al., "Alexa Teacher Model", KDD 2022.
-* Intent accuracy, slot micro-F1 (seqeval over BIO tags), exact-match accuracy: FitzGerald et al.,
-  "MASSIVE: A 1M-Example Multilingual Natural Language Understanding Dataset", 2022.
+* Intent accuracy, slot micro-F1 (seqeval over BIO tags), exact-match accuracy and their standard errors:
+  FitzGerald et al., "MASSIVE: A 1M-Example Multilingual Natural Language Understanding Dataset", 2022, as
+  its official scorer computes them (``eval_preds`` in ``src/massive/utils/training_utils.py`` of
+  github.com/alexa/massive): exact match compares per-word slot *types* (:func:`exact_match`), and the
+  slot-F1 standard error counts words (:func:`slot_f1_standard_error`).
 * Relative error change (negative = better than the baseline): Soltan et al., "AlexaTM 20B", 2022,
   and the ATM paper's result tables.
 
@@ -28,14 +31,18 @@ if TYPE_CHECKING:  # pragma: no cover
     import torch
 
 __all__ = [
+    "MASSIVE_EXAMPLE_COLUMNS",
     "exact_match",
     "intent_accuracy",
     "mask_fill_accuracy",
+    "massive_example_scores",
     "masked_lm_nll",
     "perplexity",
     "relative_error_change",
     "slot_f1",
+    "slot_f1_standard_error",
     "slot_precision_recall_f1",
+    "slot_types",
     "standard_error",
     "to_bio",
 ]
@@ -327,27 +334,93 @@ def slot_f1(
     )[2]
 
 
-def exact_match(
-    pred_intents: Sequence[str | int],
-    gold_intents: Sequence[str | int],
-    pred_tags: Sequence[Sequence[str]],
-    gold_tags: Sequence[Sequence[str]],
-) -> float:
-    """Exact-match accuracy (MASSIVE): fraction of utterances whose intent is right AND whose
-    whole slot tag sequence equals the gold one, tag for tag.
+def slot_types(tags: Sequence[str]) -> list[str]:
+    """Per-word slot types of a BIO tag sequence: ``"B-x"``/``"I-x"`` -> ``"x"``, ``"O"`` stays ``"O"``.
 
-    Args:
-        pred_intents, gold_intents: one intent per utterance.
-        pred_tags, gold_tags: one BIO tag list per utterance, as for :func:`slot_f1`.
+    The representation the official MASSIVE scorer compares for exact match (its labels are per-word slot
+    types, ``"Other"`` outside slots): ``["B-time", "I-time", "O"]`` and ``["I-time", "I-time", "O"]`` both
+    give ``["time", "time", "O"]``.
     """
+    return [tag[2:] if tag[:2] in ("B-", "I-") else tag for tag in tags]
+
+
+def _utterances(pred_intents, gold_intents, pred_tags, gold_tags) -> list[tuple[bool, bool, list, list]]:
+    """Validated per-utterance ``(intent right, exact match, pred tags, gold tags)``; at least one utterance."""
     pi = _as_list(pred_intents, "pred_intents")
     gi = _as_list(gold_intents, "gold_intents")
     _check_same_length(pi, gi, "pred_intents", "gold_intents")
     pt, gt = _check_tag_sequences(pred_tags, gold_tags)
     _check_same_length(gi, gt, "gold_intents", "gold_tags")
     _check_nonempty(gi, "gold_intents")
-    hits = sum(a == b and p == g for a, b, p, g in zip(pi, gi, pt, gt))
-    return hits / len(gi)
+    return [(a == b, a == b and slot_types(p) == slot_types(g), p, g) for a, b, p, g in zip(pi, gi, pt, gt)]
+
+
+def exact_match(
+    pred_intents: Sequence[str | int],
+    gold_intents: Sequence[str | int],
+    pred_tags: Sequence[Sequence[str]],
+    gold_tags: Sequence[Sequence[str]],
+) -> float:
+    """Exact-match accuracy as the official MASSIVE scorer defines it: the fraction of utterances whose
+    intent is right AND whose per-word slot types (:func:`slot_types`) all equal the gold ones.
+
+    The official ``eval_preds`` (alexa/massive, ``src/massive/utils/training_utils.py``) labels each word
+    with a slot type and compares the BIO sequences it derives from them (``convert_to_bio``), which is
+    equivalent to comparing the types word for word. So a predicted ``I-x I-x`` for gold ``B-x I-x`` is an
+    exact match (seqeval's lenient F1 reads the same span), while ``B-x O`` for ``B-x I-x`` is not. Two
+    adjacent spans of one type (gold ``B-x B-x``) and one two-word span (``B-x I-x``) are the same types,
+    so they match too: the official labels cannot tell them apart.
+
+    Args:
+        pred_intents, gold_intents: one intent per utterance.
+        pred_tags, gold_tags: one BIO tag list per utterance, as for :func:`slot_f1`.
+
+    Raises:
+        AtmError: mismatched lengths, non-string tags, no utterance.
+    """
+    rows = _utterances(pred_intents, gold_intents, pred_tags, gold_tags)
+    return sum(em for _, em, _, _ in rows) / len(rows)
+
+
+#: Columns of :func:`massive_example_scores`, in order.
+MASSIVE_EXAMPLE_COLUMNS = ("intent_correct", "exact_match", "slot_tp", "slot_fp", "slot_fn")
+
+
+def massive_example_scores(
+    pred_intents: Sequence[str | int],
+    gold_intents: Sequence[str | int],
+    pred_tags: Sequence[Sequence[str]],
+    gold_tags: Sequence[Sequence[str]],
+):
+    """Per-utterance MASSIVE scores, from which every corpus score (and its bootstrap) is computed.
+
+    Columns (:data:`MASSIVE_EXAMPLE_COLUMNS`): ``intent_correct`` (0/1), ``exact_match`` (0/1, the official
+    definition of :func:`exact_match`), ``slot_tp``, ``slot_fp``, ``slot_fn``: the utterance's slot spans
+    counted as seqeval counts them (``seqeval.metrics.sequence_labeling.get_entities``, lenient
+    conlleval mode: a span is (type, start, end); true positive = predicted and gold, false positive =
+    predicted only, false negative = gold only). Summed over utterances the counts give seqeval's micro
+    F1 = 2 tp / (2 tp + fp + fn) exactly (seqeval separates sentences, so no span crosses utterances);
+    column means give intent accuracy and exact match.
+
+    Args:
+        pred_intents, gold_intents: one intent per utterance.
+        pred_tags, gold_tags: one BIO tag list per utterance, equal lengths per utterance.
+
+    Returns:
+        ``numpy.ndarray`` of shape ``(n_utterances, 5)``, dtype int64.
+
+    Raises:
+        AtmError: mismatched lengths, non-string tags, no utterance.
+    """
+    import numpy as np
+    from seqeval.metrics.sequence_labeling import get_entities
+
+    rows = []
+    for intent_ok, em, p, g in _utterances(pred_intents, gold_intents, pred_tags, gold_tags):
+        pred_spans, gold_spans = set(get_entities(p)), set(get_entities(g))
+        tp = len(pred_spans & gold_spans)
+        rows.append((int(intent_ok), int(em), tp, len(pred_spans) - tp, len(gold_spans) - tp))
+    return np.asarray(rows, dtype=np.int64)
 
 
 # --------------------------------------------------------------------------------------------
@@ -367,6 +440,22 @@ def standard_error(p: float, n: int) -> float:
     p = _check_fraction(p, "p")
     n_i = _positive_int(n, "n", "(number of examples)")
     return math.sqrt(p * (1.0 - p) / n_i)
+
+
+def slot_f1_standard_error(f1: float, n_words: int) -> float:
+    """Standard error of slot F1 as the official MASSIVE scorer reports it: ``sqrt(f1 (1 - f1) / n)`` with
+    ``n`` the number of slot labels scored -- words, not utterances (``eval_preds`` in alexa/massive's
+    ``training_utils.py``: ``total_slots = sum(len(x) for x in bio_slot_preds)``, the length of the per-word
+    label sequences; its encoder path scores padded sub-token sequences, so there ``n`` also counts
+    continuation sub-tokens and padding, which this function does not). A binomial approximation, as the
+    scorer's own comment says; :func:`atm.stats.bootstrap_interval` with :func:`atm.stats.micro_f1` gives an
+    interval that respects the span structure.
+
+    Args:
+        f1: slot micro-F1 as a fraction in ``[0, 1]``.
+        n_words: number of scored words, ``> 0``.
+    """
+    return standard_error(f1, n_words)
 
 
 def relative_error_change(err: float, err_baseline: float) -> float:

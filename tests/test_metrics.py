@@ -11,14 +11,18 @@ from seqeval.metrics import f1_score, precision_score, recall_score
 
 from atm.errors import AtmError
 from atm.metrics import (
+    MASSIVE_EXAMPLE_COLUMNS,
     exact_match,
     intent_accuracy,
     mask_fill_accuracy,
     masked_lm_nll,
+    massive_example_scores,
     perplexity,
     relative_error_change,
     slot_f1,
+    slot_f1_standard_error,
     slot_precision_recall_f1,
+    slot_types,
     standard_error,
     to_bio,
 )
@@ -183,6 +187,62 @@ def test_exact_match_hand_cases():
     assert exact_match(["a", "b"], ["a", "b"], [["O"], []], [["O"], []]) == 1.0
 
 
+def test_exact_match_is_the_official_per_word_slot_type_comparison():
+    # alexa/massive eval_preds compares per-word slot types (its labels), so a span predicted "I-x I-x" for
+    # gold "B-x I-x" -- the same span for seqeval's lenient F1 -- is an exact match; comparing raw BIO tags
+    # (atm before) said it was not
+    gold, pred = [["O", "B-time", "I-time"]], [["O", "I-time", "I-time"]]
+    assert slot_f1(pred, gold) == 1.0 == f1_score(gold, pred)
+    assert exact_match(["alarm_set"], ["alarm_set"], pred, gold) == 1.0
+    assert slot_types(pred[0]) == slot_types(gold[0]) == ["O", "time", "time"]
+    # two adjacent one-word spans of one type have the types of one two-word span: the official labels cannot
+    # tell them apart, so exact match holds although seqeval's F1 (on our BIO tags) sees different spans
+    adjacent, merged = [["B-date", "B-date"]], [["B-date", "I-date"]]
+    assert exact_match(["a"], ["a"], merged, adjacent) == 1.0 and slot_f1(merged, adjacent) == 0.0
+    # a different type, or a word inside/outside a span, breaks it
+    assert exact_match(["a"], ["a"], [["O", "B-date", "I-date"]], gold) == 0.0
+    assert exact_match(["a"], ["a"], [["O", "B-time", "O"]], gold) == 0.0
+
+
+def test_massive_example_scores_hand_values():
+    gold_i, pred_i = ["a", "b", "c"], ["a", "b", "x"]
+    gold_t = [["O", "B-time", "I-time", "B-date"], ["B-x", "O"], ["O"]]
+    pred_t = [["O", "I-time", "I-time", "B-place"], ["B-x", "B-y"], ["B-z"]]
+    got = massive_example_scores(pred_i, gold_i, pred_t, gold_t)
+    assert MASSIVE_EXAMPLE_COLUMNS == ("intent_correct", "exact_match", "slot_tp", "slot_fp", "slot_fn")
+    assert got.shape == (3, 5) and got.dtype.kind == "i"
+    # 0: time span right (lenient I-), date typed as place -> tp 1, fp 1, fn 1; types differ -> no exact match
+    # 1: x right, spurious y -> tp 1, fp 1; 2: wrong intent, spurious z
+    assert got.tolist() == [[1, 0, 1, 1, 1], [1, 0, 1, 1, 0], [0, 0, 0, 1, 0]]
+    tp, fp, fn = got[:, 2:].sum(0)
+    assert 2 * tp / (2 * tp + fp + fn) == pytest.approx(f1_score(gold_t, pred_t), abs=1e-12)
+    with pytest.raises(AtmError, match="gold_intents has 3 items but gold_tags has 2"):
+        massive_example_scores(pred_i, gold_i, pred_t[:2], gold_t[:2])
+
+
+def test_massive_example_scores_sum_to_seqeval_on_real_data(real_data_env):
+    import random
+
+    from atm.data.massive import read_massive
+
+    examples = [ex for ex in read_massive(["de-DE"], ["dev"])][:600]
+    gold_t = [list(ex.slot_tags) for ex in examples]
+    gold_i = [ex.intent for ex in examples]
+    types = {t[2:] for tags in gold_t for t in tags if t != "O"}
+    inventory = ["O", *sorted(f"{prefix}-{t}" for t in types for prefix in "BI")]
+    rng = random.Random(0)  # corrupt ~15% of the tags (stray I-, wrong types, cut spans) and ~20% of the intents
+    pred_t = [[rng.choice(inventory) if rng.random() < 0.15 else t for t in tags] for tags in gold_t]
+    pred_i = [rng.choice(gold_i) if rng.random() < 0.2 else i for i in gold_i]
+    got = massive_example_scores(pred_i, gold_i, pred_t, gold_t)
+    tp, fp, fn = (int(x) for x in got[:, 2:].sum(0))
+    assert tp / (tp + fp) == pytest.approx(precision_score(gold_t, pred_t), abs=1e-12)
+    assert tp / (tp + fn) == pytest.approx(recall_score(gold_t, pred_t), abs=1e-12)
+    assert 2 * tp / (2 * tp + fp + fn) == pytest.approx(f1_score(gold_t, pred_t), abs=1e-12)
+    assert got[:, 0].mean() == pytest.approx(intent_accuracy(pred_i, gold_i), abs=1e-12)
+    assert got[:, 1].mean() == pytest.approx(exact_match(pred_i, gold_i, pred_t, gold_t), abs=1e-12)
+    assert 0 < tp and 0 < fp and 0 < fn and 0 < got[:, 1].sum() < len(examples)  # a non-trivial slice
+
+
 def test_exact_match_length_mismatch():
     with pytest.raises(AtmError, match="pred_intents has 1 items but gold_intents has 2"):
         exact_match(["a"], ["a", "b"], [["O"], ["O"]], [["O"], ["O"]])
@@ -207,6 +267,15 @@ def test_standard_error_hand_values():
         standard_error(0.5, 0)
     with pytest.raises(AtmError, match="n must be a positive integer"):
         standard_error(0.5, None)
+
+
+def test_slot_f1_standard_error_counts_words():
+    # the official scorer's n for slot F1 is the number of slot labels (words), not of utterances:
+    # 100 utterances of 4 words at F1 0.8 -> sqrt(0.8 * 0.2 / 400) = 0.02, half the per-utterance value
+    assert slot_f1_standard_error(0.8, 400) == pytest.approx(0.02, abs=1e-15)
+    assert slot_f1_standard_error(0.8, 400) == pytest.approx(standard_error(0.8, 100) / 2, abs=1e-15)
+    with pytest.raises(AtmError, match="n must be a positive integer"):
+        slot_f1_standard_error(0.5, 0)
 
 
 def test_relative_error_change_hand_values():

@@ -488,9 +488,12 @@ def word_predictions(
     Args:
         word_ids: as for :func:`align_word_labels`.
         token_pred: one predicted label id per token (e.g. ``slot_logits.argmax(-1)[i].tolist()``).
-        n_words: number of words of the original sentence (default: ``max(word_ids) + 1``); words
-            without a token (cut off by truncation) get ``fill``.
-        fill: prediction for words without a token.
+        n_words: number of words of the original sentence (default: ``max(word_ids) + 1``, which leaves
+            out trailing words without a token); words without a token get ``fill``.
+        fill: prediction for words without a token: words cut off by truncation, and words the tokenizer
+            reduces to nothing (a lone zero-width space, U+200B, in MASSIVE my-MM and zh-CN). The default
+            ``-100`` is no label id: map it explicitly (``atm.tasks.massive.predict`` predicts ``"O"``), never
+            index a label list with it (``labels[-100]`` is a real label by negative indexing).
 
     Raises:
         AtmError: ``word_ids`` and ``token_pred`` differ in length.

@@ -312,7 +312,7 @@ def _massive(cfg: DictConfig, teacher_in: Input, encoder, tokenizer):
 
     def evaluate(model, prefix, log_predictions):
         return evaluate_massive(model, tokenizer, ft, intents, slots, cfg.data.max_seq_len, prefix=prefix,
-                                log_predictions=log_predictions)
+                                log_predictions=log_predictions, seed=cfg.seed)
 
     return teacher, student, stream, evaluate
 

@@ -4,6 +4,7 @@ The ``encoder`` input (any atm MLM checkpoint) gets an intent head and a slot he
 (:class:`~atm.models.heads.JointIntentSlotModel`: pooling ``finetune.pooling`` of hidden layer
 ``finetune.intent_layer``, slot labels on each word's first sub-token, loss ``intent_ce +
 finetune.slot_loss_coef * slot_ce``), fine-tuned in full or over a frozen encoder (``finetune.freeze_encoder``).
+Data, prediction and scoring live in :mod:`atm.tasks.massive` (re-exported here for older imports).
 
 Settings (``finetune.setting``, presets ``finetune=full`` and ``finetune=zero_shot``):
 
@@ -11,217 +12,193 @@ Settings (``finetune.setting``, presets ``finetune=full`` and ``finetune=zero_sh
 * ``zero_shot``: zero-shot cross-lingual transfer (MASSIVE sec. 5): train on ``finetune.locales`` (en-US),
   evaluate on other locales only.
 
-Per evaluation locale it logs ``eval/massive/<locale>/{intent_accuracy, slot_f1, exact_match}`` and their
-standard errors ``..._se`` = sqrt(p(1-p)/n), the means over locales ``eval/massive/avg/<score>``, writes the
-predictions as ``predictions/<locale>.jsonl`` and the table ``evaluation/massive.{csv,md}``. With
-``baseline=runs:/<finetune run id>`` (or ``baseline=finetune``: the finished finetune run lineage resolves with
+Seeds: one run trains one model per seed of ``finetune.seeds`` (default ``[${seed}]``) on the same training
+sample (``seed`` picks it; tokenized once), each initialised (heads, dropout) and shuffled with its own seed,
+and scores each on the same test utterances (tokenized once). Per evaluation locale it logs
+``eval/massive/<locale>/{intent_accuracy, slot_f1, exact_match}`` = the mean over seeds, with
+
+* ``<score>/seed_<s>``: the score of the seed-``s`` model;
+* ``<score>_lo`` / ``<score>_hi``: a 95% interval, Student-t across seeds (:func:`atm.stats.seed_interval`) with
+  several seeds, else the percentile bootstrap over test utterances (:func:`atm.stats.bootstrap_interval`;
+  :func:`atm.stats.micro_f1` of the per-utterance span counts for slot F1);
+* ``<score>_se`` = sqrt(p(1-p)/n) of the mean, n = utterances, or words for slot F1 (the official scorer's);
+
+the means over locales ``eval/massive/avg/<score>`` (and ``/seed_<s>``; ``_lo``/``_hi`` across seeds when there
+are several), the predictions of every seed as ``predictions/<locale>.jsonl``
+(:func:`atm.tasks.massive.prediction_rows`: one row per seed and utterance, file order within a seed) and the
+table ``evaluation/massive.{csv,md}``. The saved
+``checkpoint`` is the first seed's model; ``train/...`` (and ``dev/massive/...``, ``finetune/best_step``) without a
+seed suffix are its metrics, those of a later seed are ``train/seed_<s>/...`` (and ``.../seed_<s>``).
+
+Early stopping (``finetune.early_stopping.eval_every`` set): every ``eval_every`` steps (and at the last) the model
+is scored on a fixed sample of the dev split of the training locales (``max_dev_per_locale`` utterances each),
+logged as ``dev/massive/<locale|avg>/<score>`` at the step; training stops after ``patience`` evaluations without
+a better ``dev/massive/avg/<metric>`` (:class:`EarlyStopping`) and the best-on-dev weights are restored before
+testing (``finetune/best_step``). ``trainer.max_steps`` stays the cap.
+
+With ``baseline=runs:/<finetune run id>`` (or ``baseline=finetune``: the finished finetune run lineage resolves with
 ``lineage.overrides.finetune``, never trained here), evaluated on the same locales, it also tags the run
-``atm.baseline_run_id`` and logs the relative error-rate change against that run,
+``atm.baseline_run_id`` and logs the relative error-rate change of the means against that run,
 ``compare/massive/<locale|avg>/<score>_rel_error_change`` = (err - err_baseline) / err_baseline with
 err = 1 - score (negative = fewer errors; AlexaTM, FitzGerald et al. KDD 2022, Tables 4-6).
 """
 
 from __future__ import annotations
 
-import json
-import logging
 import math
-import random
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import mlflow
+import numpy as np
 import torch
 from omegaconf import DictConfig
 
 from atm import metrics as M
 from atm import sweeps
 from atm.data.collate import batch_stream
-from atm.data.massive import MassiveExample, intent_labels, read_massive, slot_labels
-from atm.engine.loop import device_for, fit, to_device
+from atm.data.massive import intent_labels, slot_labels
+from atm.engine.loop import StopTraining, device_for, fit
 from atm.engine.state import run_state_dir
 from atm.errors import AtmError
 from atm.models import cost
 from atm.models.encoder import load_mlm
-from atm.models.heads import JointIntentSlotModel, align_word_labels, word_predictions
+from atm.models.heads import JointIntentSlotModel
 from atm.models.tokenizer import _check_special_ids, load_tokenizer
 from atm.stages.common import log_model
+from atm.stats import bootstrap_interval, mean_score, micro_f1, seed_interval
+from atm.tasks.massive import (  # noqa: F401  (collator, encode, evaluate_massive, read_locales ... re-exported)
+    SCORE_COLUMNS,
+    SCORES,
+    collator,
+    encode,
+    eval_examples,
+    eval_set,
+    evaluate_massive,
+    evaluate_sets,
+    log_prediction_rows,
+    prediction_rows,
+    read_locales,
+    sample_locales,
+    score_predictions,
+    score_value,
+    standard_errors,
+    train_examples,
+)
 
-log = logging.getLogger(__name__)
-
-SCORES = ("intent_accuracy", "slot_f1", "exact_match")
 SETTINGS = ("full", "zero_shot")
 TAG_SETTING = "atm.finetune.setting"
 TAG_FROZEN = "atm.finetune.freeze_encoder"
 TAG_BASELINE = "atm.baseline_run_id"
 
 
-def encode(tokenizer, examples, intents: list[str], slots: list[str], max_seq_len: int) -> list[dict]:
-    """Tokenize MASSIVE examples: ``input_ids``, ``intent`` id, ``slot_labels`` on first sub-tokens (-100
-    elsewhere) and the ``word_ids`` needed to read word-level predictions back."""
-    intent_id = {name: i for i, name in enumerate(intents)}
-    slot_id = {name: i for i, name in enumerate(slots)}
-    out = []
-    for ex in examples:
-        enc = tokenizer(list(ex.words), is_split_into_words=True, truncation=True, max_length=max_seq_len)
-        word_ids = enc.word_ids()
-        out.append({"input_ids": enc["input_ids"], "word_ids": word_ids,
-                    "intent": intent_id[ex.intent],
-                    "slot_labels": align_word_labels(word_ids, [slot_id[t] for t in ex.slot_tags])})
-    return out
+# ------------------------------------------------------------------------------- early stopping
 
 
-def collator(tokenizer):
-    """Pad a batch of :func:`encode` items: ``input_ids[B,T]``, ``attention_mask``, ``intent_labels[B]``,
-    ``slot_labels[B,T]`` (-100 on padding)."""
+class EarlyStopping:
+    """``fit`` callback: early stopping on held-out data, keeping the best weights (Prechelt 1998, "Early
+    stopping -- but when?", the "patience" rule).
 
-    def collate(items):
-        batch = tokenizer.pad({"input_ids": [x["input_ids"] for x in items]}, return_tensors="pt")
-        width = batch["input_ids"].shape[1]
-        batch["intent_labels"] = torch.tensor([x["intent"] for x in items])
-        batch["slot_labels"] = torch.tensor([x["slot_labels"] + [-100] * (width - len(x["slot_labels"]))
-                                             for x in items])
-        return batch
+    Every ``every`` optimiser steps and at step ``max_steps`` it calls ``evaluate(step) -> score`` (higher is
+    better; the RNG streams are forked, so evaluating or not trains the same model) and keeps a CPU copy of the
+    module's weights whenever the score beats the best so far (strictly: a tie keeps the earlier weights). After
+    ``patience`` evaluations in a row without a better score it raises :class:`~atm.engine.loop.StopTraining`.
+    :meth:`restore` loads the best weights back. Its state (best score, step, weights, count) is saved with a
+    resumable training state; a resumed run that had stopped stops again at its next step.
+    """
 
-    return collate
+    def __init__(self, module: torch.nn.Module, evaluate: Callable[[int], float], every: int, patience: int,
+                 max_steps: int):
+        self.module, self.evaluate = module, evaluate
+        self.every, self.patience, self.max_steps = int(every), int(patience), int(max_steps)
+        self.best, self.best_step, self.since_best, self.stopped = -math.inf, 0, 0, False
+        self.best_state: dict[str, torch.Tensor] | None = None
+
+    def __call__(self, step: int) -> None:
+        if self.stopped:
+            raise StopTraining
+        if step % self.every and step != self.max_steps:
+            return
+        devices = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
+        with torch.random.fork_rng(devices=devices):
+            score = float(self.evaluate(step))
+        self.module.train()
+        if score > self.best:
+            self.best, self.best_step, self.since_best = score, step, 0
+            self.best_state = {k: v.detach().to("cpu", copy=True) for k, v in self.module.state_dict().items()}
+        else:
+            self.since_best += 1
+        if self.since_best >= self.patience:
+            self.stopped = True
+            raise StopTraining
+
+    def restore(self) -> int:
+        """Load the best weights into the module; returns their step (0: never evaluated, weights kept)."""
+        if self.best_state is not None:
+            self.module.load_state_dict(self.best_state)
+        return self.best_step
+
+    def state_dict(self) -> dict:
+        return {"best": self.best, "best_step": self.best_step, "since_best": self.since_best,
+                "stopped": self.stopped, "best_state": self.best_state}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.best, self.best_step, self.since_best = state["best"], state["best_step"], state["since_best"]
+        self.stopped, self.best_state = state["stopped"], state["best_state"]
 
 
-@torch.no_grad()
-def predict(model, tokenizer, encoded: list[dict], intents: list[str], slots: list[str]):
-    """Word-level predictions: ``(intent names, BIO tag sequences)``, one per example (tag sequences cover the
-    words that survived truncation; :func:`score_locale` pads them with ``"O"``)."""
-    device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    pred_intents, pred_tags = [], []
-    for start in range(0, len(encoded), 64):
-        chunk = encoded[start:start + 64]
-        batch = to_device(collator(tokenizer)(chunk), device)
-        out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
-        pred_intents += [intents[i] for i in out.intent_logits.argmax(-1).tolist()]
-        token_pred = out.slot_logits.argmax(-1).tolist()
-        for item, row in zip(chunk, token_pred):
-            pred_tags.append([slots[i] for i in word_predictions(item["word_ids"], row[:len(item["word_ids"])])])
-    model.train(was_training)
-    return pred_intents, pred_tags
+def early_stopping_settings(ft: DictConfig) -> DictConfig | None:
+    """``finetune.early_stopping`` when it is on (``eval_every`` set), else None."""
+    es = ft.get("early_stopping")
+    return es if es is not None and es.get("eval_every") is not None else None
 
 
-def score_predictions(pred_intents: Sequence[str], pred_tags: Sequence[Sequence[str]],
-                      examples: Sequence[MassiveExample]) -> dict[str, float]:
-    """MASSIVE's three scores of word-level predictions against ``examples``, with standard errors.
+# ---------------------------------------------------------------------------------------- seeds
 
-    Returns ``{intent_accuracy, slot_f1, exact_match}`` (fractions; slot F1 = seqeval micro-F1 over BIO
-    spans, exact match = intent right and every slot tag right) and ``<score>_se`` = sqrt(p(1-p)/n) with
-    n = number of utterances (MASSIVE, FitzGerald et al. 2022, sec. 5).
+
+def seed_results(per_seed: dict[int, dict[str, np.ndarray]], n_words: dict[str, int],
+                 prefix: str = "eval/massive") -> dict[str, float]:
+    """The scores of several seeds' models on the same utterances, with their intervals.
 
     Args:
-        pred_intents: one intent name per utterance.
-        pred_tags: one BIO tag per word of each utterance.
-        examples: the gold utterances.
+        per_seed: ``{seed: {locale: per-utterance scores (n, 5)}}`` (:func:`atm.metrics.massive_example_scores`),
+            every seed scored on the same utterances of the same locales.
+        n_words: words per locale (the n of the slot-F1 standard error).
 
-    Raises:
-        AtmError: no examples, or mismatched lengths (see :mod:`atm.metrics`).
+    Returns:
+        Per locale and score: ``<prefix>/<locale>/<score>`` = the mean over seeds, ``.../<score>/seed_<s>``,
+        ``<score>_lo``/``_hi`` (Student-t across seeds with several seeds, :func:`atm.stats.seed_interval`; with
+        one, the percentile bootstrap over utterances, :func:`atm.stats.bootstrap_interval` with
+        :func:`atm.stats.mean_score`, or :func:`atm.stats.micro_f1` for slot F1), ``<score>_se`` (binomial, of the
+        mean) and ``<prefix>/<locale>/n``; per score ``<prefix>/avg/<score>`` (mean over locales) and
+        ``/seed_<s>``, plus ``_lo``/``_hi`` across seeds when there are several.
     """
-    gold_intents = [ex.intent for ex in examples]
-    gold_tags = [list(ex.slot_tags) for ex in examples]
-    scores = {"intent_accuracy": M.intent_accuracy(pred_intents, gold_intents),
-              "slot_f1": M.slot_f1(pred_tags, gold_tags),
-              "exact_match": M.exact_match(pred_intents, gold_intents, pred_tags, gold_tags)}
-    scores.update({f"{k}_se": M.standard_error(v, len(examples)) for k, v in list(scores.items())})
-    return scores
-
-
-def score_locale(model, tokenizer, examples, intents, slots, max_seq_len: int) -> tuple[dict, list[dict]]:
-    """Intent accuracy, slot micro-F1 (seqeval) and exact match with standard errors, plus predictions."""
-    encoded = encode(tokenizer, examples, intents, slots, max_seq_len)
-    pred_intents, pred_tags = predict(model, tokenizer, encoded, intents, slots)
-    # predictions for words cut off by truncation are "O"
-    pred_tags = [p + ["O"] * (len(ex.slot_tags) - len(p)) for p, ex in zip(pred_tags, examples)]
-    scores = score_predictions(pred_intents, pred_tags, examples)
-    rows = [{"id": ex.id, "utt": ex.utt, "intent": ex.intent, "pred_intent": pi, "slots": list(ex.slot_tags),
-             "pred_slots": pt} for ex, pi, pt in zip(examples, pred_intents, pred_tags)]
-    return scores, rows
-
-
-# ----------------------------------------------------------------------------------------- data
-
-
-def read_locales(locales: Sequence[str], partition: str, key: str) -> dict[str, list[MassiveExample]]:
-    """The ``partition`` examples of each locale (one pass over the archive), file order.
-
-    Raises:
-        AtmError: naming the config ``key``: an unknown locale, or a locale without ``partition`` data.
-    """
-    try:
-        examples = read_massive(list(dict.fromkeys(locales)), [partition])
-    except AtmError as err:
-        raise AtmError(f"{key}: {err}") from None
-    by_locale: dict[str, list[MassiveExample]] = {loc: [] for loc in locales}
-    for ex in examples:
-        by_locale[ex.locale].append(ex)
-    for loc, items in by_locale.items():
-        if not items:
-            raise AtmError(f"{key}: MASSIVE locale {loc} has no {partition} data")
-    return by_locale
-
-
-def train_examples(ft: DictConfig, seed: int) -> list:
-    """The training sample: per locale of ``finetune.locales``, a seeded shuffle of its train partition cut
-    to ``finetune.max_train_per_locale``.
-
-    Raises:
-        AtmError: ``finetune.locales`` names an unknown locale or one without train data, or the cap leaves
-            no example.
-    """
-    train = []
-    for examples in read_locales(list(ft.locales), "train", "finetune.locales").values():
-        random.Random(seed).shuffle(examples)
-        train += examples[:ft.max_train_per_locale]
-    if not train:
-        raise AtmError(f"finetune.max_train_per_locale={ft.max_train_per_locale}: no training example left")
-    return train
-
-
-def eval_examples(ft: DictConfig) -> dict[str, list[MassiveExample]]:
-    """The ``finetune.eval_split`` utterances of every evaluation locale, at most ``finetune.max_eval_per_locale``
-    of them: a fixed-seed uniform sample, in file order. MASSIVE's splits are parallel across locales (the same
-    utterances, translated, in the same order), so every locale keeps the same utterances; the files are
-    grouped by topic, so their first lines would not be a fair sample.
-
-    Raises:
-        AtmError: unknown locale, a locale without that split, or a cap that leaves no utterance.
-    """
-    cap = ft.max_eval_per_locale
-    if cap is not None and cap < 1:
-        raise AtmError(f"finetune.max_eval_per_locale={cap}: must be at least 1 (or null for all)")
-    found = read_locales(list(ft.eval_locales), ft.eval_split, "finetune.eval_locales")
-    out = {}
-    for loc, items in found.items():
-        keep = sorted(random.Random(0).sample(range(len(items)), cap)) if cap and cap < len(items) else None
-        out[loc] = items if keep is None else [items[i] for i in keep]
+    seeds = list(per_seed)
+    out: dict[str, float] = {}
+    for loc, words in n_words.items():
+        scores = np.stack([per_seed[s][loc] for s in seeds]).astype(np.float64)  # (seeds, n, 5)
+        means = {}
+        for score in SCORES:
+            values = [score_value(scores[i], score) for i in range(len(seeds))]
+            out.update({f"{prefix}/{loc}/{score}/seed_{s}": v for s, v in zip(seeds, values)})
+            if len(seeds) > 1:
+                interval = seed_interval(values)
+            else:
+                statistic = micro_f1 if score == "slot_f1" else mean_score
+                interval = bootstrap_interval(scores[:, :, SCORE_COLUMNS[score]], statistic)
+            means[score] = float(np.mean(values))
+            out.update({f"{prefix}/{loc}/{score}_lo": interval.lo, f"{prefix}/{loc}/{score}_hi": interval.hi})
+        out.update({f"{prefix}/{loc}/{k}": v for k, v in means.items()})
+        out.update({f"{prefix}/{loc}/{k}": v for k, v in standard_errors(means, scores.shape[1], words).items()})
+        out[f"{prefix}/{loc}/n"] = float(scores.shape[1])
+    for score in SCORES:
+        values = [float(np.mean([out[f"{prefix}/{loc}/{score}/seed_{s}"] for loc in n_words])) for s in seeds]
+        out.update({f"{prefix}/avg/{score}/seed_{s}": v for s, v in zip(seeds, values)})
+        out[f"{prefix}/avg/{score}"] = float(np.mean(values))
+        if len(seeds) > 1:
+            interval = seed_interval(values)
+            out.update({f"{prefix}/avg/{score}_lo": interval.lo, f"{prefix}/avg/{score}_hi": interval.hi})
     return out
-
-
-def evaluate_massive(model, tokenizer, ft: DictConfig, intents: list[str], slots: list[str], max_seq_len: int,
-                     prefix: str = "eval/massive", log_predictions: bool = True, *,
-                     examples: dict[str, list[MassiveExample]] | None = None) -> dict[str, float]:
-    """:func:`score_locale` on every locale of ``finetune.eval_locales`` (``finetune.eval_split``, at most
-    ``max_eval_per_locale`` utterances, or the given ``examples`` by locale): ``<prefix>/<locale>/<score>``
-    (and ``_se``) and the means over locales ``<prefix>/avg/<score>``; predictions are logged as
-    ``predictions/<locale>.jsonl``."""
-    if examples is None:
-        examples = eval_examples(ft)
-    results: dict[str, float] = {}
-    for locale, items in examples.items():
-        scores, rows = score_locale(model, tokenizer, items, intents, slots, max_seq_len)
-        results.update({f"{prefix}/{locale}/{k}": v for k, v in scores.items()})
-        results[f"{prefix}/{locale}/n"] = float(len(items))
-        if log_predictions:
-            mlflow.log_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows),
-                            f"predictions/{locale}.jsonl")
-    for key in SCORES:
-        results[f"{prefix}/avg/{key}"] = sum(results[f"{prefix}/{loc}/{key}"] for loc in examples) / len(examples)
-    return results
 
 
 # ------------------------------------------------------------------------------------ baseline
@@ -302,6 +279,7 @@ def relative_error_changes(results: dict[str, float], baseline: dict[str, float]
     return out
 
 
+
 # --------------------------------------------------------------------------------------- tables
 
 
@@ -316,16 +294,17 @@ def log_table(rows: list[dict], artifact: str, floatfmt: str = ".4f") -> None:
 
 
 def massive_table(results: dict[str, float], locales: Sequence[str], prefix: str = "eval/massive") -> list[dict]:
-    """Rows ``locale, n, <score>, <score>_se[, <score>_rel_error_change]`` for each locale, then ``avg`` (the
-    mean over locales; its ``n`` is the total number of utterances)."""
+    """Rows ``locale, n, <score>, <score>_lo, <score>_hi, <score>_se[, <score>_rel_error_change]`` for each
+    locale, then ``avg`` (the mean over locales; its ``n`` is the total number of utterances, its interval the
+    one across seeds, blank with one seed)."""
     rows = []
     for loc in [*locales, "avg"]:
         row: dict = {"locale": loc, "n": sum(int(results[f"{prefix}/{x}/n"]) for x in locales) if loc == "avg"
                      else int(results[f"{prefix}/{loc}/n"])}
         for s in SCORES:
             row[s] = results[f"{prefix}/{loc}/{s}"]
-            if loc != "avg":
-                row[f"{s}_se"] = results[f"{prefix}/{loc}/{s}_se"]
+            for suffix in ("_lo", "_hi", "_se"):
+                row[f"{s}{suffix}"] = results.get(f"{prefix}/{loc}/{s}{suffix}")
             change = results.get(f"compare/massive/{loc}/{s}_rel_error_change")
             if change is not None:
                 row[f"{s}_rel_error_change"] = change
@@ -336,12 +315,21 @@ def massive_table(results: dict[str, float], locales: Sequence[str], prefix: str
 # ----------------------------------------------------------------------------------------- stage
 
 
+def _count(value, key: str, *, null: bool) -> None:
+    """``value`` must be an integer >= 1 (or null when ``null``); AtmError naming ``key`` otherwise."""
+    if value is None and null:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise AtmError(f"{key}={value!r} must be an integer >= 1" + (" or null" if null else ""))
+
+
 def check(cfg: DictConfig) -> None:
     """Config-time validation of the ``finetune`` group (before any input is trained).
 
     Raises:
         AtmError: naming the key: an unknown ``setting``, empty locale lists, evaluation locales that
-            contradict the setting, or a malformed ``baseline`` reference.
+            contradict the setting, a cap that is not a positive integer or null, ``seeds`` not a non-empty list
+            of distinct integers, bad ``early_stopping`` settings, or a malformed ``baseline`` reference.
     """
     ft = cfg.finetune
     if ft.setting not in SETTINGS:
@@ -356,6 +344,28 @@ def check(cfg: DictConfig) -> None:
     if ft.setting == "zero_shot" and (seen := [loc for loc in test if loc in train]):
         raise AtmError(f"finetune.setting=zero_shot: evaluation locale(s) {', '.join(seen)} are also training "
                        f"locales (finetune.locales={', '.join(train)})")
+    for key in ("max_train_per_locale", "max_eval_per_locale"):
+        _count(ft[key], f"finetune.{key}", null=True)
+    seeds = ft.get("seeds")
+    if not isinstance(seeds, Sequence) or isinstance(seeds, str) or not seeds:
+        raise AtmError(f"finetune.seeds={seeds!r} must be a non-empty list of integer seeds")
+    for seed in seeds:
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise AtmError(f"finetune.seeds: {seed!r} is not an integer seed")
+    if len(set(seeds)) != len(seeds):
+        raise AtmError(f"finetune.seeds={list(seeds)} repeats a seed (each seed trains one model)")
+    es = early_stopping_settings(ft)
+    if es is not None:
+        _count(es.eval_every, "finetune.early_stopping.eval_every", null=True)
+        _count(es.get("patience"), "finetune.early_stopping.patience", null=False)
+        _count(es.get("max_dev_per_locale"), "finetune.early_stopping.max_dev_per_locale", null=True)
+        if es.get("metric") not in SCORES:
+            raise AtmError(f"finetune.early_stopping.metric={es.get('metric')!r} must be one of {', '.join(SCORES)}")
+        trainer = cfg.get("trainer") or {}
+        if trainer.get("backend") == "deepspeed" and (trainer.get("deepspeed") or {}).get("zero_stage") == 3:
+            raise AtmError("finetune.early_stopping keeps a copy of the whole weights: ZeRO stage 3 shards them "
+                           "(trainer.deepspeed.zero_stage=3); use a stage <= 2 or "
+                           "finetune.early_stopping.eval_every=null")
     ref = str(cfg.get("baseline") or "")
     if ref:
         from atm.lineage import canonical_stage
@@ -388,9 +398,60 @@ def load_encoder(path: Path):
     return model, tokenizer
 
 
-def run(cfg: DictConfig, inputs: dict) -> dict[str, float]:
-    """Fine-tune on ``finetune.locales`` (train partition), evaluate ``finetune.eval_locales``."""
+
+
+def train_seed(cfg: DictConfig, encoder, tokenizer, train_items: list[dict], seed: int, first: bool,
+               dev_sets: dict, test_sets: dict, intents: list[str],
+               slots: list[str]) -> tuple[JointIntentSlotModel, dict[str, float]]:
+    """Fine-tune one model with ``seed`` (heads, dropout and batch order; ``transformers.set_seed``) on the
+    tokenized ``train_items``; with early stopping on ``dev_sets``, the best-on-dev weights are restored.
+    The ``first`` seed's metrics carry no seed suffix (see the module doc); only it reports its scores on
+    ``test_sets`` to a sweep's pruner (what the objective reads).
+
+    Returns:
+        ``(model, summary)``: ``fit``'s summary (``train/...`` or ``train/seed_<s>/...``) and, with early
+        stopping, ``finetune/best_step/seed_<s>`` (and ``finetune/best_step`` for the first seed).
+    """
+    from transformers import set_seed
+
     ft = cfg.finetune
+    set_seed(seed)
+    model = JointIntentSlotModel.from_encoder(encoder, intents, slots, pooling=ft.pooling,
+                                              intent_layer=ft.intent_layer, slot_loss_coef=ft.slot_loss_coef,
+                                              freeze_encoder=ft.freeze_encoder)
+    model.to(device_for(cfg.trainer))
+    stream = batch_stream(train_items, cfg.trainer.batch_size, collator(tokenizer), seed)
+    callbacks = list(sweeps.pruning_callbacks(cfg, model, lambda: evaluate_sets(
+        model, tokenizer, test_sets, intents, slots, "eval/massive")[0])) if first else []
+    es = early_stopping_settings(ft)
+    stopper = None
+    if es is not None:
+        def dev_score(step: int) -> float:
+            results, _ = evaluate_sets(model, tokenizer, dev_sets, intents, slots, "dev/massive")
+            curve = {k: v for k, v in results.items() if k.rsplit("/", 1)[-1] in SCORES}
+            mlflow.log_metrics({**(curve if first else {}), **{f"{k}/seed_{seed}": v for k, v in curve.items()}},
+                               step=step)
+            return results[f"dev/massive/avg/{es.metric}"]
+
+        stopper = EarlyStopping(model, dev_score, es.eval_every, es.patience, cfg.trainer.max_steps)
+        callbacks.append(stopper)
+    state_dir = run_state_dir(cfg.trainer)
+    if state_dir is not None and not first:
+        state_dir = state_dir / f"seed_{seed}"
+    summary = fit(model, stream, lambda batch, step: (model(**batch).loss, {}), cfg.trainer,
+                  desc=f"finetune seed {seed}", metric_prefix="train" if first else f"train/seed_{seed}",
+                  callbacks=callbacks, state_dir=state_dir)
+    if stopper is not None:
+        best = float(stopper.restore())
+        summary.update({f"finetune/best_step/seed_{seed}": best, **({"finetune/best_step": best} if first else {})})
+    return model, summary
+
+
+def run(cfg: DictConfig, inputs: dict) -> dict[str, float]:
+    """Fine-tune one model per seed of ``finetune.seeds`` on ``finetune.locales`` (train partition), evaluate
+    each on ``finetune.eval_locales`` and log the means over seeds with intervals (see the module doc)."""
+    ft = cfg.finetune
+    seeds = [int(s) for s in ft.seeds]
     path = inputs["encoder"].path
     mlflow.set_tags({TAG_SETTING: ft.setting, TAG_FROZEN: str(bool(ft.freeze_encoder)).lower()})
     baseline = None
@@ -400,24 +461,37 @@ def run(cfg: DictConfig, inputs: dict) -> dict[str, float]:
         baseline = baseline_scores(baseline_id, list(ft.eval_locales))
     encoder, tokenizer = load_encoder(path)
     test = eval_examples(ft)  # fails on a locale without data before anything is trained
+    es = early_stopping_settings(ft)
+    dev = {} if es is None else sample_locales(list(ft.locales), "dev", es.max_dev_per_locale,
+                                               "finetune.early_stopping.max_dev_per_locale", "finetune.locales")
     train = train_examples(ft, cfg.seed)
-    mlflow.log_metric("data/train_examples", len(train))
+    mlflow.log_metrics({"data/train_examples": len(train), **({"data/dev_examples": sum(map(len, dev.values()))}
+                                                                 if dev else {})})
     intents, slots = intent_labels(), slot_labels()
-    model = JointIntentSlotModel.from_encoder(encoder, intents, slots, pooling=ft.pooling,
-                                              intent_layer=ft.intent_layer,
-                                              slot_loss_coef=ft.slot_loss_coef, freeze_encoder=ft.freeze_encoder)
+    max_len = cfg.data.max_seq_len
+    train_items = encode(tokenizer, train, intents, slots, max_len)
+    test_sets = {loc: eval_set(tokenizer, items, intents, slots, max_len) for loc, items in test.items()}
+    dev_sets = {loc: eval_set(tokenizer, items, intents, slots, max_len) for loc, items in dev.items()}
+    per_seed, rows, model, summary = {}, {loc: [] for loc in test}, None, {}
+    for index, seed in enumerate(seeds):
+        trained, seed_summary = train_seed(cfg, encoder, tokenizer, train_items, seed, index == 0, dev_sets,
+                                           test_sets, intents, slots)
+        if index == 0:
+            model = trained
+        summary.update(seed_summary)
+        _, outputs = evaluate_sets(trained, tokenizer, test_sets, intents, slots, "eval/massive")
+        per_seed[seed] = {loc: out[0] for loc, out in outputs.items()}
+        for loc, (_, pred_intents, pred_tags) in outputs.items():
+            rows[loc] += prediction_rows(test_sets[loc].examples, pred_intents, pred_tags, seed)
+        del trained
     del encoder
-    model.to(device_for(cfg.trainer))
-    stream = batch_stream(encode(tokenizer, train, intents, slots, cfg.data.max_seq_len),
-                          cfg.trainer.batch_size, collator(tokenizer), cfg.seed)
-    pruning = sweeps.pruning_callbacks(cfg, model, lambda: evaluate_massive(
-        model, tokenizer, ft, intents, slots, cfg.data.max_seq_len, log_predictions=False, examples=test))
-    summary = fit(model, stream, lambda batch, step: (model(**batch).loss, {}), cfg.trainer, desc="finetune",
-                  callbacks=pruning, state_dir=run_state_dir(cfg.trainer))
-    results = evaluate_massive(model, tokenizer, ft, intents, slots, cfg.data.max_seq_len, examples=test)
+    results = seed_results(per_seed, {loc: data.n_words for loc, data in test_sets.items()})
+    for loc, locale_rows in rows.items():
+        log_prediction_rows(loc, locale_rows)
     if baseline is not None:
         results.update(relative_error_changes(results, baseline))
-    mlflow.log_metrics(results, step=cfg.trainer.max_steps)
+    mlflow.log_metrics({**results, **{k: v for k, v in summary.items() if k.startswith("finetune/")}},
+                       step=cfg.trainer.max_steps)
     log_table(massive_table(results, list(test)), "evaluation/massive")
     log_model(model, tokenizer, "checkpoint")
     return {**summary, **results, **cost.measure(model, tokenizer, cfg)}
