@@ -1,10 +1,12 @@
-"""Tests of atm.stages.evaluate: whole-word mask filling (written nouns, spoken slot words), per-language
-perplexity, the per-language tables, and the evaluate CLI on real data slices."""
+"""Tests of atm.stages.evaluate: whole-word mask filling (written nouns, spoken slot words: top-1, top-10, MRR),
+per-language perplexity, the per-language tables (degenerate XNLI probes marked), and the evaluate CLI on real
+data slices (metrics, per-example rows, tables)."""
 
 from __future__ import annotations
 
 import math
 
+import pandas as pd
 import pytest
 import torch
 from conftest import atm_train
@@ -21,10 +23,11 @@ SEQ = 32
 
 
 def _by_hand(model, tokenizer, words, word):
-    """The word masked alone in its sentence, scored with one forward pass: all sub-tokens right?"""
+    """The word masked alone in its sentence, scored with one forward pass: all sub-tokens right? (None: the
+    word lost some or all of its sub-tokens to truncation)"""
     enc = tokenizer(list(words), is_split_into_words=True, truncation=True, max_length=SEQ)
     positions = [i for i, w in enumerate(enc.word_ids()) if w == word]
-    if not positions:
+    if not positions or len(positions) != tokenizer(list(words), is_split_into_words=True).word_ids().count(word):
         return None
     ids = torch.tensor([enc["input_ids"]])
     target = ids[0, positions].tolist()
@@ -71,9 +74,46 @@ def test_language_table():
                                                         {"language": "avg", "step 2": 0.4, "step 4": 0.5}]
     assert E.language_table(rows, E.TABLES["perplexity"]) == [{"language": "written/all (UD dev)", "step 4": 9.0}]
     fill = [{"step": 0, "eval/mask_fill/spoken/de-DE/slot_accuracy": 0.1, "eval/mask_fill/spoken/slot_accuracy": 0.1,
-             "eval/mask_fill/en/noun_accuracy": 0.2, "eval/mask_fill/noun_accuracy": 0.2}]
+             "eval/mask_fill/en/noun_accuracy": 0.2, "eval/mask_fill/noun_accuracy": 0.2,
+             "eval/mask_fill/en/noun_mrr": 0.3, "eval/mask_fill/en/noun_mrr_lo": 0.25, "eval/mask_fill/noun_mrr": 0.3}]
     assert [r["language"] for r in E.language_table(fill, E.TABLES["mask_fill"])] == [
         "spoken/de-DE", "spoken/mean", "written/en", "written/mean"]
+    assert E.language_table(fill, E.TABLES["mask_fill_mrr"]) == [{"language": "written/en", "step 0": 0.3},
+                                                                 {"language": "written/mean", "step 0": 0.3}]
+
+
+def test_xnli_table_marks_degenerate_probes():
+    def scores(step, de, fr):
+        return {"step": step, "eval/xnli/de/accuracy": 0.3400004, "eval/xnli/de/degenerate": de,
+                "eval/xnli/fr/accuracy": 0.4, "eval/xnli/fr/degenerate": fr, "eval/xnli/avg_accuracy": 0.37,
+                "eval/xnli/degenerate_languages": de + fr}
+
+    table = E.xnli_table([scores(2, 1.0, 1.0), scores(4, 1.0, 0.0), scores(6, 0.0, 0.0)])
+    assert table == [{"language": "de", "step 2": "degenerate", "step 4": "degenerate", "step 6": 0.34},
+                     {"language": "fr", "step 2": "degenerate", "step 4": 0.4, "step 6": 0.4},
+                     {"language": "avg", "step 2": "degenerate", "step 4": 0.37, "step 6": 0.37},
+                     {"language": "degenerate languages", "step 2": 2.0, "step 4": 1.0, "step 6": 0.0}]
+
+
+def test_mask_fill_metrics_keys_and_rows(real_data_env, encoder_dir):  # noqa: F811
+    from atm.models.tokenizer import load_tokenizer
+    from atm.probes.mask_fill import rank_scores, word_ranks
+
+    tokenizer, model = load_tokenizer(encoder_dir), load_mlm(encoder_dir).eval()
+    probes = {"de-DE": E.slot_probes(read_massive(["de-DE"], ["test"])[:4]),
+              "fr-FR": E.slot_probes(read_massive(["fr-FR"], ["test"])[:3])}
+    metrics, rows = E.mask_fill_metrics(model, tokenizer, probes, SEQ, "slot")
+    for loc, lang_probes in probes.items():
+        items, ranks = word_ranks(model, tokenizer, lang_probes, SEQ)
+        for name, value in rank_scores(ranks, intervals=True).items():
+            assert metrics[f"eval/mask_fill/spoken/{loc}/slot_{name}"] == value
+        part = rows[rows["language"] == loc]
+        assert part["item"].tolist() == items.tolist() and part["rank"].tolist() == ranks.tolist()
+        assert (part["correct"] == (ranks == 1)).all() and part["pred"].isna().all() and set(part["seed"]) == {-1}
+    for name in ("accuracy", "top10", "mrr"):
+        assert metrics[f"eval/mask_fill/spoken/slot_{name}"] == pytest.approx(
+            (metrics[f"eval/mask_fill/spoken/de-DE/slot_{name}"] + metrics[f"eval/mask_fill/spoken/fr-FR/slot_{name}"]) / 2)
+    assert set(rows["probe"]) == {"slot"}
 
 
 @pytest.mark.parametrize("override,message", [
@@ -92,7 +132,7 @@ SMALL = ["eval.checkpoints=final", "data.max_seq_len=32", "data.heldout.max_line
          "eval.perplexity.spoken_locales=[en-US,fr-FR]", "eval.mask_fill.languages=[en]",
          "eval.mask_fill.max_sentences_per_lang=3", "eval.mask_fill.spoken_locales=[de-DE]",
          "eval.mask_fill.max_utterances_per_locale=4", "eval.xnli.train_pairs=16", "eval.xnli.batch_size=8",
-         "eval.xnli.max_test_pairs_per_lang=8", "eval.xnli.max_seq_len=48"]
+         "eval.xnli.max_test_pairs_per_lang=8", "eval.xnli.max_seq_len=48", "eval.xnli.seeds=[0,1]"]
 
 
 def test_evaluate_cli_per_language_metrics_and_tables(tmp_path, data_env, real_data_env, encoder_dir):  # noqa: F811
@@ -115,16 +155,40 @@ def test_evaluate_cli_per_language_metrics_and_tables(tmp_path, data_env, real_d
     assert m["eval/mask_fill/spoken/de-DE/slot_accuracy"] == m["eval/mask_fill/spoken/slot_accuracy"] == slots
     assert {"eval/perplexity/written", "eval/perplexity/spoken", "eval/perplexity/written/de",
             "eval/perplexity/spoken/en-US", "eval/mask_fill/en/noun_accuracy", "eval/mask_fill/noun_accuracy",
-            "eval/xnli/avg_accuracy"} <= set(m)
+            "eval/mask_fill/en/noun_top10", "eval/mask_fill/en/noun_mrr", "eval/mask_fill/noun_top10",
+            "eval/mask_fill/noun_mrr", "eval/mask_fill/spoken/de-DE/slot_top10", "eval/mask_fill/spoken/de-DE/slot_mrr",
+            "eval/mask_fill/spoken/slot_top10", "eval/mask_fill/spoken/slot_mrr", "eval/xnli/avg_accuracy",
+            "eval/xnli/avg_accuracy_lo", "eval/xnli/degenerate_languages", "eval/checkpoint_seconds"} <= set(m)
     langs = [k.split("/")[2] for k in m if k.startswith("eval/xnli/") and k.endswith("/accuracy")]
     assert len(langs) >= 10 and "en" in langs  # every language with a labelled XNLI test set
+    client = mlflow.tracking.MlflowClient()
+    examples = pd.read_csv(mlflow.artifacts.download_artifacts(
+        run_id=run.info.run_id, artifact_path="evaluation/examples/step-000000.csv", dst_path=str(tmp_path / "ex")))
+    assert list(examples.columns) == ["probe", "language", "item", "seed", "correct", "rank", "pred"]
+    xnli = examples[examples["probe"] == "xnli"]
+    assert len(xnli) == len(langs) * 2 * 8 and set(xnli["seed"]) == {0, 1} and xnli["rank"].isna().all()
     for lang in langs:
         acc = m[f"eval/xnli/{lang}/accuracy"]
         assert m[f"eval/xnli/{lang}/accuracy_se"] == pytest.approx(math.sqrt(acc * (1 - acc) / 8))
-    xnli = mlflow.artifacts.download_artifacts(run_id=run.info.run_id, artifact_path="evaluation/xnli.md",
-                                               dst_path=str(tmp_path / "dl"))
-    with open(xnli, encoding="utf-8") as f:
-        rows = [line.split("|")[1].strip() for line in f.read().splitlines()[2:]]
-    assert rows == [*langs, "avg"]
-    artifacts = {a.path for a in mlflow.tracking.MlflowClient().list_artifacts(run.info.run_id, "evaluation")}
-    assert {f"evaluation/{n}.{x}" for n in ("xnli", "perplexity", "mask_fill") for x in ("csv", "md")} <= artifacts
+        part = xnli[xnli["language"] == lang]
+        assert acc == pytest.approx(part["correct"].mean())  # 2 seeds x the same 8 pairs
+        missing = any(set(p["pred"]) != {0, 1, 2} for _, p in part.groupby("seed"))
+        assert m[f"eval/xnli/{lang}/degenerate"] == float(missing)
+        assert sum(m[f"eval/xnli/{lang}/pred_share/{c}"] for c in ("entailment", "neutral", "contradiction")) == (
+            pytest.approx(1.0))
+    assert m["eval/xnli/degenerate_languages"] == sum(m[f"eval/xnli/{lang}/degenerate"] for lang in langs)
+    slot_rows = examples[(examples["probe"] == "slot") & (examples["language"] == "de-DE")]
+    assert slot_rows["correct"].mean() == pytest.approx(slots) and slot_rows["pred"].isna().all()
+    assert (slot_rows["seed"] == -1).all() and (slot_rows["rank"] >= 1).all()
+    assert m["eval/mask_fill/spoken/de-DE/slot_mrr"] == pytest.approx((1 / slot_rows["rank"]).mean())
+    assert set(examples[examples["probe"] == "noun"]["language"]) == {"en"}
+    table = mlflow.artifacts.download_artifacts(run_id=run.info.run_id, artifact_path="evaluation/xnli.md",
+                                                dst_path=str(tmp_path / "dl"))
+    with open(table, encoding="utf-8") as f:
+        cells = [[c.strip() for c in line.split("|")[1:3]] for line in f.read().splitlines()[2:]]
+    assert [row for row, _ in cells] == [*langs, "avg", "degenerate languages"]
+    for lang, cell in cells[:len(langs)]:  # a degenerate probe's accuracy is not shown as a number
+        assert (cell == "degenerate") == (m[f"eval/xnli/{lang}/degenerate"] == 1)
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "evaluation")}
+    assert {f"evaluation/{n}.{x}" for n in ("xnli", "perplexity", "mask_fill", "mask_fill_top10", "mask_fill_mrr")
+            for x in ("csv", "md")} <= artifacts

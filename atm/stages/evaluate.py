@@ -5,32 +5,44 @@ The ``target`` input names a training run (by role, ``runs:/<id>`` or a path). W
 scored, and every metric is logged with ``step`` = the checkpoint's training step, which is what
 ``analysis/correlate_xnli.py`` correlates (AlexaTM, FitzGerald et al. KDD 2022, sec. 4.2, Table 3).
 
-Metrics (fractions; perplexities in tokens, ``exp`` of the mean masked-token NLL in nats):
+Metrics (fractions; perplexities in tokens, ``exp`` of the mean masked-token NLL in nats; ``_lo``/``_hi``:
+95% interval):
 
 * ``eval/perplexity/written`` (UD dev sentences) and ``eval/perplexity/spoken`` (MASSIVE dev utterances),
   the held-out perplexities every MLM stage also logs; per language ``eval/perplexity/written/<lang>``
   (UD PUD sentences of ``eval.perplexity.written_languages``) and ``eval/perplexity/spoken/<locale>``
   (MASSIVE test utterances of ``eval.perplexity.spoken_locales``);
-* written mask-filling ``eval/mask_fill/<lang>/noun_accuracy`` (UD PUD, words tagged NOUN) and the mean
-  ``eval/mask_fill/noun_accuracy``; spoken mask-filling ``eval/mask_fill/spoken/<locale>/slot_accuracy``
-  (MASSIVE test, the words inside slot spans) and the mean ``eval/mask_fill/spoken/slot_accuracy``. Both
-  mask one word at a time -- all of its sub-tokens -- and count it recovered when the argmax at every one
-  of its positions is the original sub-token (:func:`word_mask_fill`);
-* XNLI zero-shot: fine-tune on English, test every language with a labelled test set
-  (``eval/xnli/<lang>/accuracy``, ``..._se``, ``eval/xnli/avg_accuracy``; Conneau et al. 2018).
+* written mask filling (UD PUD, words tagged NOUN) ``eval/mask_fill/<lang>/noun_{accuracy, top10, mrr}``
+  and their means over languages ``eval/mask_fill/noun_{accuracy, top10, mrr}``; spoken mask filling
+  (MASSIVE test, the words inside slot spans) ``eval/mask_fill/spoken/<locale>/slot_{accuracy, top10, mrr}``
+  and the means ``eval/mask_fill/spoken/slot_{accuracy, top10, mrr}``. One word is masked at a time -- all
+  of its sub-tokens -- and ranked (:func:`atm.probes.mask_fill.word_ranks`: the maximum over its positions of
+  the original sub-token's rank); ``accuracy`` is top-1 (the argmax right at every position), ``top10`` rank
+  <= 10, ``mrr`` the mean of 1/rank (Voorhees 1999). Per language also ``_lo``/``_hi`` (bootstrap over words);
+* XNLI zero-shot (Conneau et al. 2018): a classifier fine-tuned on English per seed of ``eval.xnli.seeds``,
+  tested on ``eval.xnli.languages`` (null: every language with a labelled test set; :mod:`atm.probes.xnli`):
+  ``eval/xnli/<lang>/accuracy`` (mean over seeds) with ``_lo``/``_hi`` (over seeds; one seed: bootstrap over test pairs) and ``_se``,
+  ``eval/xnli/<lang>/pred_share/<class>``, ``eval/xnli/<lang>/degenerate`` (1 when a seed's classifier never
+  predicts some class there), ``eval/xnli/avg_accuracy`` (with ``_lo``/``_hi``) and
+  ``eval/xnli/degenerate_languages``;
+* ``eval/checkpoint_seconds``: wall time of scoring the checkpoint.
 
-Tables (rows: language, columns: checkpoint step) are logged as ``evaluation/{xnli, perplexity,
-mask_fill}.{csv,md}``, every metric of every checkpoint as ``evaluation/checkpoints.csv``.
+Artifacts: tables (rows: language, columns: checkpoint step) ``evaluation/{xnli, perplexity, mask_fill,
+mask_fill_top10, mask_fill_mrr}.{csv,md}`` (a degenerate XNLI probe's accuracy reads ``degenerate``); every
+metric of every checkpoint ``evaluation/checkpoints.csv``; the per-example rows of each checkpoint
+``evaluation/examples/step-<N:06d>.csv`` (:mod:`atm.probes.examples`).
 """
 
 from __future__ import annotations
 
 import re
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import mlflow
+import pandas as pd
 import torch
 from omegaconf import DictConfig
 from tqdm.auto import tqdm
@@ -42,12 +54,16 @@ from atm.data.collate import EVAL_BATCH, batches, mlm_collator, tokenize_lines
 from atm.data.massive import OUTSIDE
 from atm.data.ud import pud_sentences
 from atm.data.xnli import xnli_test_languages
-from atm.engine.loop import device_for, fit, to_device
+from atm.engine.loop import device_for, to_device
 from atm.errors import AtmError
 from atm.models.encoder import mlm_forward
-from atm.models.heads import build_pair_classifier
+from atm.probes.examples import concat, example_frame
+from atm.probes.mask_fill import TOP_K, Probe, rank_scores, word_mask_fill, word_ranks
+from atm.probes.xnli import XnliData, check_xnli, encode_xnli, read_xnli, xnli_probe
 from atm.stages.finetune import load_encoder, log_table, read_locales
-from atm.stages.finetune_xnli import evaluate_xnli, pair_stream, train_pairs
+
+#: Artifact directory of the per-example rows, one CSV per checkpoint step.
+EXAMPLES_DIR = "evaluation/examples"
 
 
 @torch.no_grad()
@@ -76,55 +92,6 @@ def heldout_perplexities(model, tokenizer, data_cfg: DictConfig, max_lines_per_l
 
 # ------------------------------------------------------------------------------------ mask filling
 
-#: A sentence to probe: its words and the indices of the words to mask, one at a time.
-Probe = tuple[Sequence[str], Sequence[int]]
-
-
-@torch.no_grad()
-def word_mask_fill(model, tokenizer, probes: Sequence[Probe], max_seq_len: int) -> float:
-    """Top-1 whole-word mask-filling accuracy (AlexaTM sec. 4.2, "mask filling").
-
-    For every selected word of every probe, a copy of the sentence gets ``<mask>`` at ALL of that word's
-    sub-tokens (the other words stay visible); the word counts as recovered when the argmax prediction at
-    every one of its positions is the original sub-token (:func:`atm.metrics.mask_fill_accuracy` over
-    tuples). Words cut off by truncation to ``max_seq_len`` sub-tokens are not scored.
-
-    Args:
-        probes: ``(words, indices of the words to mask)`` per sentence; the words are tokenized with
-            ``is_split_into_words=True``.
-
-    Returns:
-        The fraction of masked words recovered; NaN when no word was masked.
-    """
-    items = []  # (input_ids, positions, targets)
-    for words, selected in probes:
-        enc = tokenizer(list(words), is_split_into_words=True, truncation=True, max_length=max_seq_len)
-        word_ids = enc.word_ids()
-        for w in selected:
-            positions = [i for i, wid in enumerate(word_ids) if wid == w]
-            if not positions:
-                continue
-            ids = list(enc["input_ids"])
-            targets = [ids[i] for i in positions]
-            for i in positions:
-                ids[i] = tokenizer.mask_token_id
-            items.append((ids, positions, targets))
-    if not items:
-        return float("nan")
-    device = next(model.parameters()).device
-    predicted, gold = [], []
-    for start in range(0, len(items), EVAL_BATCH):
-        chunk = items[start:start + EVAL_BATCH]
-        padded = to_device(tokenizer.pad({"input_ids": [ids for ids, _, _ in chunk]}, return_tensors="pt"), device)
-        masked = padded["input_ids"] == tokenizer.mask_token_id
-        # argmax at the masked positions, row-major: the positions of each item in turn
-        best = iter(mlm_forward(model, padded["input_ids"], padded["attention_mask"], masked)["logits"]
-                    .argmax(-1).tolist())
-        for _, positions, targets in chunk:
-            predicted.append(tuple(next(best) for _ in positions))
-            gold.append(tuple(targets))
-    return M.mask_fill_accuracy(predicted, gold)
-
 
 def noun_probes(lang: str, max_sentences: int) -> list[Probe]:
     """The first ``max_sentences`` UD PUD sentences of ``lang`` with their words tagged NOUN."""
@@ -143,32 +110,58 @@ def noun_mask_fill(model, tokenizer, lang: str, max_sentences: int, max_seq_len:
     return word_mask_fill(model, tokenizer, noun_probes(lang, max_sentences), max_seq_len)
 
 
+#: Mask-filling probe -> (metric key of a language, ``{}`` = the language; of the mean over languages).
+MASK_FILL_KEYS = {"noun": ("eval/mask_fill/{}/noun", "eval/mask_fill/noun"),
+                  "slot": ("eval/mask_fill/spoken/{}/slot", "eval/mask_fill/spoken/slot")}
+
+
+def mask_fill_metrics(model, tokenizer, probes: dict[str, list[Probe]], max_seq_len: int, probe: str
+                      ) -> tuple[dict[str, float], pd.DataFrame]:
+    """Whole-word mask filling per language (:func:`atm.probes.mask_fill.word_ranks`) and the means over
+    languages.
+
+    Args:
+        probes: per language (``noun``) or MASSIVE locale (``slot``), the probed sentences.
+        probe: ``noun`` or ``slot`` (:data:`MASK_FILL_KEYS`).
+
+    Returns:
+        ``(metrics, examples)``: ``<key>_accuracy`` (top-1), ``<key>_top10``, ``<key>_mrr`` per language with
+        their bootstrap ``_lo``/``_hi`` over words (:func:`atm.probes.mask_fill.rank_scores`), and their means
+        over languages (no interval); one example row per scored word (:mod:`atm.probes.examples`).
+    """
+    lang_key, mean_key = MASK_FILL_KEYS[probe]
+    out: dict[str, float] = {}
+    frames, scores = [], {}
+    for lang, lang_probes in probes.items():
+        items, ranks = word_ranks(model, tokenizer, lang_probes, max_seq_len)
+        frames.append(example_frame(probe, lang, items, ranks == 1, rank=ranks))
+        scores[lang] = rank_scores(ranks, TOP_K, intervals=True)
+        out.update({f"{lang_key.format(lang)}_{name}": value for name, value in scores[lang].items()})
+    if scores:
+        for name in ("accuracy", f"top{TOP_K}", "mrr"):
+            out[f"{mean_key}_{name}"] = sum(s[name] for s in scores.values()) / len(scores)
+    return out, concat(frames)
+
+
 # ---------------------------------------------------------------------------------------------- XNLI
 
 
-def xnli_zero_shot(checkpoint: Path, tokenizer, cfg: DictConfig, trainer_cfg: DictConfig, seed: int
-                   ) -> dict[str, float]:
-    """Fine-tune the checkpoint's encoder on English XNLI, test every language with a labelled test set
-    (Conneau et al. 2018 zero-shot cross-lingual transfer).
-
-    The classifier (:func:`atm.models.heads.build_pair_classifier`) trains on the same English sample as the
-    ``finetune_xnli`` stage (:func:`atm.stages.finetune_xnli.train_pairs`) for ``cfg.epochs`` epochs.
+def xnli_zero_shot(mlm, tokenizer, pairs: XnliData, cfg: DictConfig, trainer_cfg: DictConfig
+                   ) -> tuple[dict[str, float], pd.DataFrame]:
+    """Fine-tune the checkpoint's encoder on English XNLI once per seed of ``eval.xnli.seeds``, test every
+    language of ``pairs`` (Conneau et al. 2018 zero-shot cross-lingual transfer): :func:`atm.probes.xnli.xnli_probe`
+    on the pairs tokenized once (:func:`atm.probes.xnli.encode_xnli`).
 
     Args:
+        mlm: the checkpoint's MLM (not modified); ``pairs``: :func:`atm.probes.xnli.read_xnli`.
         cfg: the ``eval.xnli`` group; ``trainer_cfg``: the ``trainer`` group (device, precision, ...).
 
     Returns:
-        :func:`atm.stages.finetune_xnli.evaluate_xnli`'s metrics: ``eval/xnli/<lang>/accuracy``,
-        ``..._se`` and ``eval/xnli/avg_accuracy`` (fractions).
+        ``(metrics, examples)`` of :func:`atm.probes.xnli.xnli_probe`: ``eval/xnli/<lang>/accuracy`` (mean over
+        seeds) with ``_lo``/``_hi``/``_se``, ``.../pred_share/<class>``, ``.../degenerate``,
+        ``eval/xnli/avg_accuracy`` (with ``_lo``/``_hi``), ``eval/xnli/degenerate_languages``.
     """
-    model = build_pair_classifier(checkpoint, num_labels=3).to(device_for(trainer_cfg))
-    pairs = train_pairs(cfg, seed)
-    steps = max(1, cfg.epochs * len(pairs) // cfg.batch_size)
-    xnli_trainer = DictConfig({**trainer_cfg, "max_steps": steps, "lr": cfg.lr, "batch_size": cfg.batch_size,
-                               "warmup_steps": max(1, steps // 10), "save_every": None})
-    fit(model, pair_stream(tokenizer, pairs, cfg.max_seq_len, cfg.batch_size, seed),
-        lambda batch, step: (model(**batch).loss, {}), xnli_trainer, desc="xnli", log_metrics=False)
-    return evaluate_xnli(model, tokenizer, xnli_test_languages(), cfg)
+    return xnli_probe(mlm, tokenizer, encode_xnli(tokenizer, pairs, cfg.max_seq_len), cfg, trainer_cfg)
 
 
 # ------------------------------------------------------------------------------------ evaluation data
@@ -183,12 +176,14 @@ class EvalData:
         spoken: MASSIVE test utterances per locale (spoken-form perplexity).
         nouns: noun probes per PUD language (written mask-filling).
         slots: slot-word probes per MASSIVE locale (spoken mask-filling).
+        xnli: the English XNLI training pairs and the test pairs of ``eval.xnli.languages``.
     """
 
     written: dict[str, list[str]] = field(default_factory=dict)
     spoken: dict[str, list[str]] = field(default_factory=dict)
     nouns: dict[str, list[Probe]] = field(default_factory=dict)
     slots: dict[str, list[Probe]] = field(default_factory=dict)
+    xnli: XnliData = field(default_factory=lambda: XnliData([], {}))
 
 
 def eval_data(eval_cfg: DictConfig) -> EvalData:
@@ -216,16 +211,18 @@ def eval_data(eval_cfg: DictConfig) -> EvalData:
     if fill.spoken_locales:
         found = read_locales(list(fill.spoken_locales), "test", "eval.mask_fill.spoken_locales")
         data.slots = {loc: slot_probes(examples[:fill.max_utterances_per_locale]) for loc, examples in found.items()}
+    data.xnli = read_xnli(eval_cfg.xnli, list(eval_cfg.xnli.get("languages") or xnli_test_languages()))
     return data
 
 
-def _mean(values: dict[str, float]) -> float:
-    return sum(values.values()) / len(values)
-
-
-def evaluate_checkpoint(path: Path, cfg: DictConfig, *, data: EvalData | None = None) -> dict[str, float]:
+def evaluate_checkpoint(path: Path, cfg: DictConfig, *, data: EvalData | None = None
+                        ) -> tuple[dict[str, float], pd.DataFrame]:
     """Every intrinsic and extrinsic metric of one MLM checkpoint directory (``data``: :func:`eval_data`,
     read here when not given).
+
+    Returns:
+        ``(metrics, examples)``: the metrics of the module docstring, and the per-example rows of the
+        mask-filling and XNLI probes (:mod:`atm.probes.examples`).
 
     Raises:
         AtmError: a checkpoint whose tokenizer does not match its model (naming the path), or bad ``eval``
@@ -240,31 +237,40 @@ def evaluate_checkpoint(path: Path, cfg: DictConfig, *, data: EvalData | None = 
     for kind, texts in (("written", data.written), ("spoken", data.spoken)):
         out.update({f"eval/perplexity/{kind}/{lang}": mlm_perplexity(model, tokenizer, lines, seq)
                     for lang, lines in texts.items()})
-    nouns = {lang: word_mask_fill(model, tokenizer, probes, seq) for lang, probes in data.nouns.items()}
-    out.update({f"eval/mask_fill/{lang}/noun_accuracy": acc for lang, acc in nouns.items()})
-    if nouns:
-        out["eval/mask_fill/noun_accuracy"] = _mean(nouns)
-    slots = {loc: word_mask_fill(model, tokenizer, probes, seq) for loc, probes in data.slots.items()}
-    out.update({f"eval/mask_fill/spoken/{loc}/slot_accuracy": acc for loc, acc in slots.items()})
-    if slots:
-        out["eval/mask_fill/spoken/slot_accuracy"] = _mean(slots)
-    out.update(xnli_zero_shot(path, tokenizer, cfg.eval.xnli, cfg.trainer, cfg.seed))
-    return out
+    frames = []
+    for probe, probes in (("noun", data.nouns), ("slot", data.slots)):
+        metrics, examples = mask_fill_metrics(model, tokenizer, probes, seq, probe)
+        out.update(metrics)
+        frames.append(examples)
+    metrics, examples = xnli_zero_shot(model, tokenizer, data.xnli, cfg.eval.xnli, cfg.trainer)
+    out.update(metrics)
+    return out, concat([*frames, examples])
 
 
 # ------------------------------------------------------------------------------------------- tables
 
+
+def _mask_fill_rows(score: str) -> list[tuple[str, str]]:
+    """Rows of the mask-filling table of ``score`` (``accuracy``: top-1, ``top10``, ``mrr``)."""
+    return [(rf"eval/mask_fill/spoken/([^/]+)/slot_{score}", r"spoken/\1"),
+            (rf"eval/mask_fill/spoken/slot_{score}", "spoken/mean"),
+            (rf"eval/mask_fill/([^/]+)/noun_{score}", r"written/\1"),
+            (rf"eval/mask_fill/noun_{score}", "written/mean")]
+
+
 #: Per-language tables: artifact name -> (metric key regex, row name template), first match wins.
 TABLES = {
-    "xnli": [(r"eval/xnli/([^/]+)/accuracy", r"\1"), (r"eval/xnli/avg_accuracy", "avg")],
+    "xnli": [(r"eval/xnli/([^/]+)/accuracy", r"\1"), (r"eval/xnli/avg_accuracy", "avg"),
+             (r"eval/xnli/degenerate_languages", "degenerate languages")],
     "perplexity": [(r"eval/perplexity/(written|spoken)/([^/]+)", r"\1/\2"),
                    (r"eval/perplexity/written", "written/all (UD dev)"),
                    (r"eval/perplexity/spoken", "spoken/all (MASSIVE dev)")],
-    "mask_fill": [(r"eval/mask_fill/spoken/([^/]+)/slot_accuracy", r"spoken/\1"),
-                  (r"eval/mask_fill/spoken/slot_accuracy", "spoken/mean"),
-                  (r"eval/mask_fill/([^/]+)/noun_accuracy", r"written/\1"),
-                  (r"eval/mask_fill/noun_accuracy", "written/mean")],
+    "mask_fill": _mask_fill_rows("accuracy"),
+    f"mask_fill_top{TOP_K}": _mask_fill_rows(f"top{TOP_K}"),
+    "mask_fill_mrr": _mask_fill_rows("mrr"),
 }
+#: What a table shows instead of the accuracy of a degenerate XNLI probe (:func:`atm.probes.xnli.is_degenerate`).
+DEGENERATE = "degenerate"
 
 
 def language_table(rows: Sequence[dict], patterns: Sequence[tuple[str, str]]) -> list[dict]:
@@ -286,8 +292,27 @@ def language_table(rows: Sequence[dict], patterns: Sequence[tuple[str, str]]) ->
     return list(table.values())
 
 
+def xnli_table(rows: Sequence[dict]) -> list[dict]:
+    """:func:`language_table` of XNLI accuracies in which the accuracy of a degenerate probe (metric
+    ``eval/xnli/<lang>/degenerate`` = 1) reads :data:`DEGENERATE`, and so does ``avg`` when every language is
+    degenerate; the last row counts the degenerate languages. Numbers are rounded to 4 decimals (a column
+    mixing text and numbers is printed as text; the full values are in the metrics)."""
+    table = language_table(rows, TABLES["xnli"])
+    for scores in rows:
+        column = f"step {scores['step']}"
+        langs = [k.split("/")[2] for k in scores if re.fullmatch(r"eval/xnli/[^/]+/degenerate", k)]
+        flagged = {lang for lang in langs if scores[f"eval/xnli/{lang}/degenerate"] == 1}
+        if langs and len(flagged) == len(langs):
+            flagged.add("avg")
+        for row in table:
+            if column in row:
+                row[column] = DEGENERATE if row["language"] in flagged else round(row[column], 4)
+    return table
+
+
 def run(cfg: DictConfig, inputs: dict) -> dict[str, float]:
-    """Score the checkpoints of the ``target`` input; log metrics per checkpoint step and the tables."""
+    """Score the checkpoints of the ``target`` input; log metrics per checkpoint step, the per-example rows
+    (``evaluation/examples/step-<N:06d>.csv``, :mod:`atm.probes.examples`) and the tables."""
     target = inputs["target"]
     mlflow.set_tags({"atm.evaluated_run_id": target.run_id or "", "atm.evaluated_stage": target.stage or "",
                      "atm.evaluated_path": str(target.path)})
@@ -299,14 +324,27 @@ def run(cfg: DictConfig, inputs: dict) -> dict[str, float]:
         checkpoints = [(0, target.path)]
     rows = []
     for step, path in tqdm(checkpoints, desc="evaluate checkpoints"):
-        scores = evaluate_checkpoint(path, cfg, data=data)
+        start = time.perf_counter()
+        scores, examples = evaluate_checkpoint(path, cfg, data=data)
+        scores["eval/checkpoint_seconds"] = time.perf_counter() - start
         mlflow.log_metrics(scores, step=step)
+        mlflow.log_text(examples.to_csv(index=False), f"{EXAMPLES_DIR}/step-{step:06d}.csv")
         rows.append({"step": step, **scores})
-    import pandas as pd
-
     mlflow.log_text(pd.DataFrame(rows).to_csv(index=False), "evaluation/checkpoints.csv")
     for name, patterns in TABLES.items():
-        table = language_table(rows, patterns)
+        table = xnli_table(rows) if name == "xnli" else language_table(rows, patterns)
         if table:
             log_table(table, f"evaluation/{name}")
     return rows[-1]
+
+
+def check(cfg: DictConfig) -> None:
+    """Config-time validation of the ``eval`` settings this stage adds (before any input is trained).
+
+    Raises:
+        AtmError: naming the key: ``eval.checkpoints`` not ``final``/``all``, or a bad ``eval.xnli`` setting
+            (:func:`atm.probes.xnli.check_xnli`).
+    """
+    if cfg.eval.checkpoints not in ("final", "all"):
+        raise AtmError(f"eval.checkpoints={cfg.eval.checkpoints!r} must be 'final' or 'all'")
+    check_xnli(cfg.eval.xnli)
