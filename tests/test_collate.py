@@ -49,3 +49,64 @@ def test_tokenize_truncates_and_batch_stream_cycles():
     stream = batch_stream(examples, 1, mlm_collator(tok), seed=0)
     seen = [next(stream)["input_ids"].shape[1] for _ in range(6)]
     assert sorted(seen) == [3, 3, 3, 4, 4, 4]  # three epochs of two examples
+
+
+# ------------------------------------------------------------------------------ tokenized once, packing
+
+from atm.data.collate import BatchStream, LineExamples, PackedBlocks, tokenize_corpus  # noqa: E402
+
+
+def _ids(tok, words: str) -> list[int]:
+    return tok.convert_tokens_to_ids([f"▁{w}" for w in words.split()])
+
+
+def test_line_examples_equal_tokenize_lines_without_tokenizing_again():
+    tok = _tokenizer()
+    lines = ["w1 w2 w3 w4 w5 w6", "w7", "", "w8 w9", "   "]
+    corpus = tokenize_corpus(tok, lines, chunk_size=2)
+    assert corpus.n_lines == 3 and corpus.n_tokens == 9  # blank lines dropped, nothing truncated
+    assert corpus.ids.dtype.name == "int32" and corpus.offsets.tolist() == [0, 6, 7, 9]
+    assert tokenize_corpus(tok, lines).ids.tolist() == corpus.ids.tolist()  # chunking changes nothing
+    assert list(LineExamples(corpus, 4, tok.bos_token_id, tok.eos_token_id)) == tokenize_lines(tok, lines, 4)
+
+
+def test_packed_blocks_golden_full_sentences():
+    tok = _tokenizer()
+    s, e = tok.bos_token_id, tok.eos_token_id
+    corpus = tokenize_corpus(tok, ["w1 w2 w3", "w4", "", "w5 w6 w7 w8 w9"])
+    blocks = PackedBlocks(corpus, 4, s, e)
+    # stream: w1 w2 w3 </s> w4 </s> w5 w6 w7 w8 w9 </s> -> 4 pieces of 3, each after <s>
+    assert [b["input_ids"] for b in blocks] == [
+        [s, *_ids(tok, "w1 w2 w3")], [s, e, *_ids(tok, "w4"), e], [s, *_ids(tok, "w5 w6 w7")],
+        [s, *_ids(tok, "w8 w9"), e]]
+    # the incomplete tail is dropped; a corpus shorter than one block is one shorter block
+    six = PackedBlocks(corpus, 6, s, e)
+    assert len(six) == 2 and six[1]["input_ids"] == [s, e, *_ids(tok, "w5 w6 w7 w8")]
+    (only,) = PackedBlocks(tokenize_corpus(tok, ["w1 w2"]), 8, s, e)
+    assert only["input_ids"] == [s, *_ids(tok, "w1 w2"), e]
+
+
+def test_packed_batches_have_no_padding_never_mask_separators_and_resume_exactly():
+    tok = _tokenizer()
+    g = torch.Generator().manual_seed(0)
+    lines = [" ".join(f"w{int(i)}" for i in torch.randint(0, 500, (int(n),), generator=g))
+             for n in torch.randint(1, 30, (300,), generator=g)]
+    corpus = tokenize_corpus(tok, lines)
+    blocks = PackedBlocks(corpus, 32, tok.bos_token_id, tok.eos_token_id)
+    assert len(blocks) == (corpus.n_tokens + corpus.n_lines) // 31
+    collate = mlm_collator(tok, 0.15)
+    stream = BatchStream(blocks, 8, collate, seed=5)
+    for _ in range(3):
+        next(stream)
+    position, rng = stream.state_dict(), torch.get_rng_state()
+    expected = [next(stream) for _ in range(40)]  # crosses an epoch boundary (len(blocks) // 8 batches)
+    again = BatchStream(blocks, 8, collate, seed=5)
+    again.load_state_dict(position)
+    torch.set_rng_state(rng)
+    for want in expected:
+        got = next(again)
+        assert all(torch.equal(got[k], want[k]) for k in ("input_ids", "labels", "attention_mask"))
+        assert got["input_ids"].shape == (8, 32) and bool(got["attention_mask"].all())
+        special = torch.isin(torch.where(got["labels"] >= 0, got["labels"], got["input_ids"]),
+                             torch.tensor([tok.bos_token_id, tok.eos_token_id]))
+        assert not ((got["labels"] != -100) & special).any()

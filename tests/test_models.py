@@ -360,3 +360,20 @@ def test_joint_intent_layer_pools_the_chosen_hidden_state(mlm_dir, batch, tmp_pa
     for bad in (n_layers + 1, -(n_layers + 2), 1.5, True):
         with pytest.raises(AtmError, match=rf"intent_layer must be an integer index into the {n_layers + 1} hidden"):
             JointIntentSlotModel.from_encoder(mlm, INTENTS, SLOTS, intent_layer=bad)
+
+
+def test_training_dropout_off_inside_restored_after_and_checkpoint_keeps_config(tok, batch, tmp_path):
+    import json
+
+    from atm.models.encoder import training_dropout
+
+    model = build_mlm(load_preset("student_tiny"), tok, seed=0).train()
+    assert model.config.hidden_dropout_prob == 0.1
+    with torch.no_grad():
+        assert not torch.equal(model(**batch).logits, model(**batch).logits)  # dropout on
+        with training_dropout(model, 0.0):
+            assert torch.equal(model(**batch).logits, model(**batch).logits)
+            save_checkpoint(model, tok, tmp_path / "ckpt")
+    assert {m.p for m in model.modules() if isinstance(m, torch.nn.Dropout)} == {0.1}
+    config = json.loads((tmp_path / "ckpt" / "config.json").read_text())
+    assert config["hidden_dropout_prob"] == 0.1 and config["attention_probs_dropout_prob"] == 0.1

@@ -1,12 +1,21 @@
-"""Tokenized datasets, MLM masking and batch streams shared by every stage."""
+"""Tokenized datasets, MLM masking and batch streams shared by every stage.
+
+MLM training text is tokenized once (:func:`tokenize_corpus`) into one flat token array plus line offsets
+(the layout of Megatron-LM's indexed datasets and nanoGPT's ``.bin`` shards, so memory-mapped token shards
+can replace it), then served either as packed blocks of ``max_seq_len`` tokens (:class:`PackedBlocks`,
+RoBERTa's FULL-SENTENCES, no padding) or one example per line (:class:`LineExamples`).
+"""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
+import itertools
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import NamedTuple
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
 
 
 def tokenize_lines(tokenizer, lines: Sequence[str], max_seq_len: int) -> list[dict[str, list[int]]]:
@@ -41,6 +50,109 @@ def text_mlm_collator(tokenizer, max_seq_len: int, mlm_probability: float = 0.15
         return mask(tokenize_lines(tokenizer, lines, max_seq_len))
 
     return collate
+
+
+class TokenizedCorpus(NamedTuple):
+    """Lines tokenized once: line ``i`` is ``ids[offsets[i]:offsets[i + 1]]`` (sub-token ids, no ``<s>``/``</s>``).
+
+    Attributes:
+        ids: int32 ``[n_tokens]``, every line's tokens back to back.
+        offsets: int64 ``[n_lines + 1]``, ``offsets[0] = 0``, ``offsets[-1] = n_tokens``.
+    """
+
+    ids: np.ndarray
+    offsets: np.ndarray
+
+    @property
+    def n_lines(self) -> int:
+        return len(self.offsets) - 1
+
+    @property
+    def n_tokens(self) -> int:
+        return int(self.offsets[-1])
+
+
+def tokenize_corpus(tokenizer, lines: Iterable[str], *, chunk_size: int = 8192, desc: str | None = None,
+                    total: int | None = None) -> TokenizedCorpus:
+    """Tokenize ``lines`` once, ``chunk_size`` lines at a time, into a :class:`TokenizedCorpus`.
+
+    Lines are streamed: only one chunk's Python token lists exist at a time, the rest is int32 NumPy.
+    Lines without any sub-token (blank) are dropped; no line is truncated (:class:`LineExamples` and
+    :class:`PackedBlocks` cut to ``max_seq_len``). With ``desc`` a tqdm bar counts the lines.
+    """
+    ids: list[np.ndarray] = []
+    lengths: list[np.ndarray] = []
+    if total is None and isinstance(lines, Sequence):
+        total = len(lines)
+    iterator = iter(lines)
+    with tqdm(total=total, desc=desc, unit="lines", disable=desc is None, mininterval=2.0) as bar:
+        while chunk := list(itertools.islice(iterator, chunk_size)):
+            encoded = tokenizer(chunk, add_special_tokens=False, verbose=False)["input_ids"]
+            n = np.fromiter((len(e) for e in encoded), dtype=np.int64, count=len(encoded))
+            ids.append(np.fromiter(itertools.chain.from_iterable(encoded), dtype=np.int32, count=int(n.sum())))
+            lengths.append(n[n > 0])
+            bar.update(len(chunk))
+    flat = np.concatenate(ids) if ids else np.zeros(0, np.int32)
+    n_tokens = np.concatenate(lengths) if lengths else np.zeros(0, np.int64)
+    return TokenizedCorpus(flat, np.concatenate([[0], np.cumsum(n_tokens)]).astype(np.int64))
+
+
+class LineExamples(Sequence):
+    """One MLM example per line of a :class:`TokenizedCorpus`: ``<s>`` + its first ``max_seq_len - 2``
+    sub-tokens + ``</s>`` (what :func:`tokenize_lines` gives, without tokenizing again); batches are
+    padded by the collator."""
+
+    def __init__(self, corpus: TokenizedCorpus, max_seq_len: int, bos_id: int, eos_id: int):
+        if max_seq_len < 3:
+            raise ValueError(f"max_seq_len={max_seq_len} leaves no room for a token between <s> and </s>")
+        self.corpus, self.keep, self.bos, self.eos = corpus, max_seq_len - 2, bos_id, eos_id
+
+    def __len__(self) -> int:
+        return self.corpus.n_lines
+
+    def __getitem__(self, i: int) -> dict[str, list[int]]:
+        start, end = self.corpus.offsets[i], self.corpus.offsets[i + 1]
+        body = self.corpus.ids[start:min(end, start + self.keep)].tolist()
+        return {"input_ids": [self.bos, *body, self.eos]}
+
+
+class PackedBlocks(Sequence):
+    """Lines packed into blocks of exactly ``max_seq_len`` tokens, no padding (RoBERTa's FULL-SENTENCES, Liu
+    et al. 2019 sec. 4.2; Cramming, Geiping & Goldstein 2022 sec. 4.1).
+
+    The lines are concatenated, each followed by ``</s>`` as separator, and the stream is cut into pieces
+    of ``max_seq_len - 1`` tokens; block ``k`` is ``<s>`` + piece ``k``. A line may continue into the next
+    block; attention crosses line boundaries inside a block. The last incomplete piece is dropped, unless
+    the corpus is shorter than one block (then it is the only, shorter, block). ``len(corpus.ids) +
+    n_lines`` stream tokens give ``(n_tokens + n_lines) // (max_seq_len - 1)`` blocks.
+    """
+
+    def __init__(self, corpus: TokenizedCorpus, max_seq_len: int, bos_id: int, eos_id: int):
+        if max_seq_len < 2:
+            raise ValueError(f"max_seq_len={max_seq_len} leaves no room for a token after <s>")
+        n = corpus.n_lines
+        stream = np.empty(corpus.n_tokens + n, dtype=np.int32)
+        separators = corpus.offsets[1:] + np.arange(n)  # line i's </s> follows its tokens, shifted by i
+        is_token = np.ones(len(stream), dtype=bool)
+        is_token[separators] = False
+        stream[is_token], stream[separators] = corpus.ids, eos_id
+        self.stream, self.piece, self.bos = stream, max_seq_len - 1, bos_id
+        self.n_blocks = max(len(stream) // self.piece, 1 if len(stream) else 0)
+
+    def __len__(self) -> int:
+        return self.n_blocks
+
+    def __getitem__(self, k: int) -> dict[str, list[int]]:
+        if not 0 <= k < self.n_blocks:
+            raise IndexError(k)
+        return {"input_ids": [self.bos, *self.stream[k * self.piece:(k + 1) * self.piece].tolist()]}
+
+
+def mlm_examples(corpus: TokenizedCorpus, tokenizer, max_seq_len: int, packing: bool) -> Sequence:
+    """:class:`PackedBlocks` (``packing``) or :class:`LineExamples` of ``corpus`` with ``tokenizer``'s
+    ``<s>``/``</s>`` ids."""
+    kind = PackedBlocks if packing else LineExamples
+    return kind(corpus, max_seq_len, tokenizer.bos_token_id, tokenizer.eos_token_id)
 
 
 class BatchStream:

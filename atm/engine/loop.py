@@ -1,12 +1,14 @@
 """The one training loop: every stage (MLM pretraining, distillation, fine-tuning) calls :func:`fit`.
 
-AdamW (no weight decay on biases and LayerNorm weights), linear warm-up then linear decay, gradient
-accumulation (``trainer.grad_accum_steps``) and clipping, optional bf16 autocast, activation
-checkpointing, metrics to the active MLflow run every ``trainer.log_every`` steps, a progress bar, and
-callbacks after every step. Two backends (``trainer.backend``): ``torch`` (plain PyTorch, one process) and
-``deepspeed`` (:mod:`atm.engine.deepspeed`: ZeRO 0-3, bf16/fp16, one or many processes). With a state
-directory ``fit`` writes a resumable training state every ``trainer.state_every`` steps and continues from
-the newest one it finds there (:mod:`atm.engine.state`).
+AdamW (no weight decay on biases and LayerNorm weights), a learning-rate schedule (``trainer.schedule``:
+linear warm-up then linear decay, or the triangular one-cycle of short budgets), gradient accumulation
+(``trainer.grad_accum_steps``) and clipping, optional bf16 autocast (``trainer.precision=auto``: bf16 where
+the hardware computes it natively), optional ``torch.compile`` of the encoders, activation checkpointing,
+metrics to the active MLflow run every ``trainer.log_every`` steps, a progress bar, and callbacks after every
+step. Two backends (``trainer.backend``): ``torch`` (plain PyTorch, one process) and ``deepspeed``
+(:mod:`atm.engine.deepspeed`: ZeRO 0-3, bf16/fp16, one or many processes). With a state directory ``fit``
+writes a resumable training state every ``trainer.state_every`` steps and continues from the newest one it
+finds there (:mod:`atm.engine.state`).
 """
 
 from __future__ import annotations
@@ -26,7 +28,8 @@ from atm.engine import state as S
 from atm.errors import AtmError
 
 BACKENDS = ("torch", "deepspeed")
-PRECISIONS = ("fp32", "bf16", "fp16")
+PRECISIONS = ("fp32", "bf16", "fp16", "auto")
+SCHEDULES = ("linear", "one_cycle", "constant")
 
 LossFn = Callable[[dict, int], "tuple[torch.Tensor, dict[str, float]]"]
 
@@ -63,11 +66,67 @@ def make_optimizer(module: torch.nn.Module, cfg: DictConfig) -> torch.optim.Opti
                               {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr)
 
 
+def bf16_native(device: torch.device) -> bool:
+    """Whether ``device`` computes bf16 natively: a CUDA GPU with bf16 support, or a CPU with AVX512-BF16 or
+    AMX-BF16 instructions (PyTorch's ``torch.cpu._is_avx512_bf16_supported``/``_is_amx_tile_supported``, which
+    read the CPUID flags ``avx512_bf16``/``amx_bf16`` shown in ``/proc/cpuinfo``)."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type != "cpu":
+        return False
+    probes = [getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
+    return any(probe() for probe in probes if probe is not None)
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """``trainer.precision`` for ``device``: ``auto`` is ``bf16`` where :func:`bf16_native`, else ``fp32``;
+    anything else is returned unchanged."""
+    if precision != "auto":
+        return precision
+    return "bf16" if bf16_native(device) else "fp32"
+
+
+def make_scheduler(optimizer: torch.optim.Optimizer, cfg: DictConfig):
+    """The learning-rate schedule ``trainer.schedule`` over ``trainer.max_steps`` optimiser steps (a
+    ``LambdaLR`` multiplying ``trainer.lr``):
+
+    * ``linear`` (default): linear warm-up from 0 over ``trainer.warmup_steps``, then linear decay to 0 at
+      ``max_steps`` (BERT, Devlin et al. 2019; RoBERTa);
+    * ``one_cycle``: the triangular one-cycle schedule (Smith & Topin 2019) that Cramming (Geiping &
+      Goldstein 2022, sec. 4.3) finds best for a fixed budget: linear warm-up to the peak at
+      ``trainer.peak_fraction`` (default 0.5) of ``max_steps``, then linear decay to 0 at ``max_steps``;
+      ``warmup_steps`` is not used;
+    * ``constant``: warm-up over ``warmup_steps``, then constant.
+    """
+    from transformers import get_constant_schedule_with_warmup, get_linear_schedule_with_warmup
+
+    schedule, steps = cfg.get("schedule", "linear"), int(cfg.max_steps)
+    if schedule == "one_cycle":
+        peak = max(1, round(float(cfg.get("peak_fraction", 0.5)) * steps))
+        return get_linear_schedule_with_warmup(optimizer, min(peak, steps), steps)
+    if schedule == "constant":
+        return get_constant_schedule_with_warmup(optimizer, min(cfg.warmup_steps, steps))
+    return get_linear_schedule_with_warmup(optimizer, min(cfg.warmup_steps, steps), steps)
+
+
+def compile_encoders(module: torch.nn.Module) -> int:
+    """``torch.compile`` (in place, ``nn.Module.compile``: parameter names and state dicts unchanged) the
+    forward pass of every Hugging Face base model (encoder) inside ``module``; returns how many. Inputs of
+    new shapes recompile, after the second one with dynamic shapes."""
+    from transformers import PreTrainedModel
+
+    bases = [m for m in module.modules() if isinstance(m, PreTrainedModel) and m.base_model is m]
+    for base in bases:
+        base.compile()
+    return len(bases)
+
+
 def check_trainer(cfg: DictConfig) -> None:
     """Config-time checks of the ``trainer`` config (before inputs are resolved or anything trains).
 
     Raises:
-        AtmError: unknown backend or precision, fp16 without DeepSpeed, ``grad_accum_steps`` < 1, several
+        AtmError: unknown backend, precision or schedule, ``peak_fraction`` outside (0, 1), ``compile`` not a
+            boolean, fp16 without DeepSpeed, ``grad_accum_steps`` < 1, several
             processes with the torch backend, DeepSpeed config problems (:func:`atm.engine.deepspeed.check`).
     """
     from atm.engine import deepspeed as D
@@ -77,6 +136,13 @@ def check_trainer(cfg: DictConfig) -> None:
         raise AtmError(f"trainer.backend={backend!r} must be one of {', '.join(BACKENDS)}")
     if cfg.precision not in PRECISIONS:
         raise AtmError(f"trainer.precision={cfg.precision!r} must be one of {', '.join(PRECISIONS)}")
+    if cfg.get("schedule", "linear") not in SCHEDULES:
+        raise AtmError(f"trainer.schedule={cfg.schedule!r} must be one of {', '.join(SCHEDULES)}")
+    peak = cfg.get("peak_fraction", 0.5)
+    if isinstance(peak, bool) or not isinstance(peak, (int, float)) or not 0.0 < peak < 1.0:
+        raise AtmError(f"trainer.peak_fraction={peak!r} must be a number in (0, 1)")
+    if not isinstance(cfg.get("compile", False), bool):
+        raise AtmError(f"trainer.compile={cfg.compile!r} must be true or false")
     if int(cfg.get("grad_accum_steps", 1)) < 1:
         raise AtmError(f"trainer.grad_accum_steps={cfg.grad_accum_steps} must be at least 1")
     if backend == "torch":
@@ -144,13 +210,12 @@ class TorchBackend:
 
 
 def make_backend(module: torch.nn.Module, cfg: DictConfig):
-    """The backend named by ``trainer.backend`` over AdamW and the linear warm-up/decay schedule
-    (:class:`TorchBackend` or :class:`atm.engine.deepspeed.DeepSpeedBackend`)."""
-    from transformers import get_linear_schedule_with_warmup
-
+    """The backend named by ``trainer.backend`` over AdamW and :func:`make_scheduler`
+    (:class:`TorchBackend` or :class:`atm.engine.deepspeed.DeepSpeedBackend`); ``precision=auto`` must have
+    been resolved (:func:`resolve_precision`)."""
     check_trainer(cfg)
     optimizer = make_optimizer(module, cfg)
-    scheduler = get_linear_schedule_with_warmup(optimizer, min(cfg.warmup_steps, cfg.max_steps), cfg.max_steps)
+    scheduler = make_scheduler(optimizer, cfg)
     if cfg.get("backend", "torch") == "deepspeed":
         from atm.engine.deepspeed import DeepSpeedBackend
 
@@ -171,8 +236,9 @@ def fit(module: torch.nn.Module, stream: Iterator[dict], loss_fn: LossFn, cfg: D
             ``load_state_dict()`` (:class:`atm.data.collate.BatchStream` has both).
         loss_fn: ``(batch, step) -> (scalar loss, {part name: float})``; ``step`` counts from 1.
         cfg: the ``trainer`` config (max_steps, batch_size, grad_accum_steps, lr, weight_decay,
-            warmup_steps, grad_clip, precision, backend, deepspeed, activation_checkpointing, log_every,
-            state_every, keep_last).
+            warmup_steps, schedule, peak_fraction, grad_clip, precision, compile, backend, deepspeed,
+            activation_checkpointing, log_every, state_every, keep_last); ``precision=auto`` is resolved
+            for the module's device (:func:`resolve_precision`) and recorded as the run tag ``atm.precision``.
         callbacks: each called with the step number after every optimiser step (checkpointing,
             evaluation, teacher switching, pruning, early stopping); their exceptions propagate, except
             :class:`StopTraining`, which ends training after that step (the remaining callbacks still run). A callback with
@@ -195,24 +261,32 @@ def fit(module: torch.nn.Module, stream: Iterator[dict], loss_fn: LossFn, cfg: D
             a state of a different number of processes; the run is being trained by another process.
     """
     import mlflow
+    from omegaconf import OmegaConf
 
+    precision = resolve_precision(cfg.precision, next(module.parameters()).device)
+    if precision != cfg.precision:
+        cfg = OmegaConf.merge(cfg, {"precision": precision})
     backend = make_backend(module, cfg)
     module, device, main = backend.module, backend.device, backend.rank == 0
     if cfg.get("activation_checkpointing"):
         enable_activation_checkpointing(module)
+    if cfg.get("compile"):
+        compile_encoders(module)
     if backend.world_size > 1:
         if not hasattr(stream, "shard"):
             raise AtmError(f"{desc}: {backend.world_size} processes need a shardable batch stream")
         stream.shard(backend.rank, backend.world_size)
     log_metrics = log_metrics and main
     accum = int(cfg.get("grad_accum_steps", 1))
-    use_autocast = cfg.precision == "bf16" and isinstance(backend, TorchBackend)
+    use_autocast = precision == "bf16" and isinstance(backend, TorchBackend)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_autocast)
     run_dir = Path(state_dir) if state_dir is not None else None
     progress_state = {"step": 0, "window": {}, "window_steps": 0, "samples": 0, "seconds": 0.0, "last": {}}
     with S.claim(run_dir) if run_dir is not None and main else nullcontext():
         if run_dir is not None:
             _resume(run_dir, backend, stream, callbacks, progress_state)
+        if log_metrics:
+            mlflow.set_tag("atm.precision", precision)
         if log_metrics and backend.describe():
             mlflow.log_metrics(backend.describe(), step=progress_state["step"])
         module.train()

@@ -16,7 +16,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +46,7 @@ __all__ = [
     "model_conf_dir",
     "required_positions",
     "save_checkpoint",
+    "training_dropout",
 ]
 
 #: Keys a model preset may set (besides ``name``), all ``RobertaPreLayerNormConfig`` arguments.
@@ -489,3 +491,26 @@ def mlm_forward(model, input_ids, attention_mask, positions=None, *, output_hidd
     logits = model.lm_head(enc.last_hidden_state[positions])
     return {"logits": logits, "hidden_states": enc.hidden_states, "attentions": enc.attentions,
             "attention_mask": attention_mask, "positions": positions}
+
+
+@contextmanager
+def training_dropout(model: torch.nn.Module, p: float | None) -> Iterator[torch.nn.Module]:
+    """Inside the block every ``nn.Dropout`` of ``model`` (hidden, attention-probability and classifier
+    dropout of transformers encoders) drops with probability ``p``; on exit each gets its own back.
+
+    ``model.config`` is untouched, so a checkpoint saved inside the block keeps the configured dropout
+    (fine-tuning from it uses that). Cramming (Geiping & Goldstein 2022, sec. 4.2) pretrains without dropout
+    in short budgets: the model never sees a token often enough to overfit. ``p=None`` changes nothing.
+    """
+    if p is None:
+        yield model
+        return
+    layers = [m for m in model.modules() if isinstance(m, torch.nn.Dropout)]
+    saved = [m.p for m in layers]
+    for m in layers:
+        m.p = float(p)
+    try:
+        yield model
+    finally:
+        for m, old in zip(layers, saved):
+            m.p = old

@@ -56,16 +56,17 @@ def _load(target: str) -> Callable:
 _MODEL = ("model", "trainer", "data")
 STAGES = {s.name: s for s in (
     Stage("train_tokenizer", "atm.stages.tokenizer:run", ("tokenizer", "data"), artifact="tokenizer"),
-    Stage("pretrain_stage1", "atm.stages.pretrain:run", _MODEL),
-    Stage("pretrain_stage2", "atm.stages.pretrain:run", _MODEL),
+    Stage("pretrain_stage1", "atm.stages.pretrain:run", _MODEL, check="atm.stages.pretrain:check"),
+    Stage("pretrain_stage2", "atm.stages.pretrain:run", _MODEL, check="atm.stages.pretrain:check"),
     Stage("distill_intermediate", "atm.stages.distill:run", (*_MODEL, "distill", "augment"),
           check="atm.stages.distill:check"),
     Stage("distill_final", "atm.stages.distill:run", (*_MODEL, "distill", "augment"), check="atm.stages.distill:check"),
     Stage("finetune", "atm.stages.finetune:run", ("trainer", "data", "finetune"), check="atm.stages.finetune:check"),
     Stage("distill_task", "atm.stages.distill_task:run", ("trainer", "data", "finetune", "distill", "eval"),
           check="atm.stages.distill_task:check"),
-    Stage("finetune_xnli", "atm.stages.finetune_xnli:run", ("trainer", "data", "eval")),
-    Stage("evaluate", "atm.stages.evaluate:run", ("data", "eval"), artifact="evaluation"),
+    Stage("finetune_xnli", "atm.stages.finetune_xnli:run", ("trainer", "data", "eval"),
+          check="atm.stages.finetune_xnli:check"),
+    Stage("evaluate", "atm.stages.evaluate:run", ("data", "eval"), artifact="evaluation", check="atm.stages.evaluate:check"),
 )}
 
 

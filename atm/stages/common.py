@@ -12,13 +12,13 @@ from omegaconf import DictConfig
 
 from atm import sweeps, tracking
 from atm.data import corpora
-from atm.data.collate import batch_stream, text_mlm_collator
+from atm.data.collate import batch_stream, mlm_collator, mlm_examples, tokenize_corpus
 from atm.engine.deepspeed import world
 from atm.engine.loop import LossFn, fit
 from atm.engine.state import run_state_dir
 from atm.errors import AtmError
 from atm.models import cost
-from atm.models.encoder import save_checkpoint
+from atm.models.encoder import save_checkpoint, training_dropout
 
 
 def corpus_lines(name: str, data_cfg: DictConfig, seed: int) -> list[str]:
@@ -32,9 +32,45 @@ def corpus_lines(name: str, data_cfg: DictConfig, seed: int) -> list[str]:
     return [line.text for line in lines]
 
 
+def check_mlm_data(cfg: DictConfig) -> None:
+    """Config-time checks of the MLM data and stage keys this module reads (before anything trains).
+
+    Raises:
+        AtmError: ``data.packing`` not a boolean, ``data.max_seq_len`` < 3, ``stage.dropout`` not null or in
+            [0, 1).
+    """
+    packing = cfg.data.get("packing", True)
+    if not isinstance(packing, bool):
+        raise AtmError(f"data.packing={packing!r} must be true or false")
+    length = cfg.data.max_seq_len
+    if isinstance(length, bool) or not isinstance(length, int) or length < 3:
+        raise AtmError(f"data.max_seq_len={length!r} must be an integer >= 3 (<s>, a token, </s>)")
+    dropout = cfg.stage.get("dropout")
+    if dropout is not None and (isinstance(dropout, bool) or not isinstance(dropout, (int, float))
+                                or not 0.0 <= dropout < 1.0):
+        raise AtmError(f"stage.dropout={dropout!r} must be null (the model's own) or a probability in [0, 1)")
+
+
+def mlm_stream(cfg: DictConfig, tokenizer):
+    """The MLM batch stream of ``stage.corpus``: its lines tokenized once, packed into ``data.max_seq_len``
+    blocks (``data.packing``, default) or one padded example per line, masked by :func:`mlm_collator`.
+    Logs ``data/train_lines``, ``data/train_tokens`` (sub-tokens, specials excluded) and
+    ``data/train_examples``."""
+    check_mlm_data(cfg)
+    lines = corpus_lines(cfg.stage.corpus, cfg.data, cfg.seed)
+    corpus = tokenize_corpus(tokenizer, lines, desc=f"tokenize {cfg.stage.corpus}")
+    examples = mlm_examples(corpus, tokenizer, cfg.data.max_seq_len, cfg.data.get("packing", True))
+    mlflow.log_metrics({"data/train_lines": corpus.n_lines, "data/train_tokens": corpus.n_tokens,
+                        "data/train_examples": len(examples)})
+    return batch_stream(examples, cfg.trainer.batch_size, mlm_collator(tokenizer, cfg.stage.mlm_probability),
+                        cfg.seed)
+
+
 def train_mlm(cfg: DictConfig, module: torch.nn.Module, model, tokenizer, loss_fn: LossFn,
               callbacks: Sequence[Callable[[int], None]] = ()) -> dict[str, float]:
-    """Train ``module`` (which contains ``model``) with ``loss_fn`` on MLM batches of ``stage.corpus``.
+    """Train ``module`` (which contains ``model``) with ``loss_fn`` on MLM batches of ``stage.corpus``
+    (:func:`mlm_stream`), with ``model``'s dropout set to ``stage.dropout`` while it trains (null: the
+    model's own; the saved checkpoints keep the model config's values, so fine-tuning is unchanged).
 
     Saves ``model`` + ``tokenizer`` every ``trainer.save_every`` steps (``checkpoints/step-<N>``) and at the
     end (``checkpoint``), then scores held-out written and spoken perplexity and measures ``model``'s cost
@@ -43,18 +79,16 @@ def train_mlm(cfg: DictConfig, module: torch.nn.Module, model, tokenizer, loss_f
     """
     from atm.stages.evaluate import heldout_perplexities
 
-    lines = [line for line in corpus_lines(cfg.stage.corpus, cfg.data, cfg.seed) if line.strip()]
-    mlflow.log_metric("data/train_lines", len(lines))
-    stream = batch_stream(lines, cfg.trainer.batch_size,
-                          text_mlm_collator(tokenizer, cfg.data.max_seq_len, cfg.stage.mlm_probability), cfg.seed)
+    stream = mlm_stream(cfg, tokenizer)
 
     def evaluate() -> dict[str, float]:
         return heldout_perplexities(model, tokenizer, cfg.data, cfg.eval.perplexity.max_lines_per_lang)
 
     pruning = sweeps.pruning_callbacks(cfg, module, evaluate)  # [] outside a pruned sweep
-    summary = fit(module, stream, loss_fn, cfg.trainer,
-                  callbacks=[checkpoint_logger(model, tokenizer, cfg.trainer), *callbacks, *pruning],
-                  desc=cfg.stage.name, state_dir=run_state_dir(cfg.trainer))
+    with training_dropout(model, cfg.stage.get("dropout")):
+        summary = fit(module, stream, loss_fn, cfg.trainer,
+                      callbacks=[checkpoint_logger(model, tokenizer, cfg.trainer), *callbacks, *pruning],
+                      desc=cfg.stage.name, state_dir=run_state_dir(cfg.trainer))
     log_model(model, tokenizer, tracking.CHECKPOINT)
     metrics = heldout_perplexities(model, tokenizer, cfg.data, cfg.eval.perplexity.max_lines_per_lang)
     mlflow.log_metrics(metrics, step=cfg.trainer.max_steps)

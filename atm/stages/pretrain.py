@@ -9,7 +9,12 @@ from atm.engine.loop import device_for
 from atm.distill.losses import mlm_ce
 from atm.models.encoder import build_mlm, load_mlm, mlm_forward
 from atm.models.tokenizer import load_tokenizer
-from atm.stages.common import train_mlm
+from atm.stages.common import check_mlm_data, train_mlm
+
+
+def check(cfg: DictConfig) -> None:
+    """Config-time validation of the MLM data and stage keys (:func:`atm.stages.common.check_mlm_data`)."""
+    check_mlm_data(cfg)
 
 
 def run(cfg: DictConfig, inputs: dict) -> dict[str, float]:
