@@ -30,7 +30,8 @@ demo: setup
 
 # The AlexaTM paper at small scale on the real data (README "The AlexaTM experiment"): every job of
 # conf/experiment/alexatm_mini.yaml in one multirun, its distillation ablation (an Optuna grid over the
-# intermediate student's recipe, reusing the experiment's teachers), then every analysis script; own store in
+# intermediate student's recipe, reusing the experiment's teachers), then every analysis script, the seed-findings
+# verdicts (analysis/findings.py) last; own store in
 # $(ALEXATM_DIR). ALEXATM_ARGS (e.g. alexatm.steps.stage1=2000) reach both commands, so the ablation's
 # teachers are the experiment's.
 ALEXATM_DIR ?= .atm/alexatm_mini
@@ -40,7 +41,7 @@ alexatm-mini: setup
 	cd $(ALEXATM_DIR) && $(abspath $(BIN))/python -m atm.train +experiment=alexatm_mini $(ALEXATM_ARGS) -m
 	cd $(ALEXATM_DIR) && $(abspath $(BIN))/python -m atm.train +experiment=alexatm_mini +sweep=alexatm_mini_ablation \
 	  $(ALEXATM_ARGS) -m
-	cd $(ALEXATM_DIR) && for script in correlate_xnli scaling_table stage2_effect distillation_table ablation_report; do \
+	cd $(ALEXATM_DIR) && for script in correlate_xnli scaling_table stage2_effect distillation_table ablation_report findings; do \
 	  $(abspath $(BIN))/python $(CURDIR)/analysis/$$script.py || exit 1; done
 
 test: setup

@@ -12,7 +12,11 @@ A sweep is an MLflow parent run tagged ``atm.sweep_parent=<study>``; its trials 
   values is cut into ``--bins`` quantile bins (``pandas.qcut``).
 * **Marginal means**: per level of each dimension, the mean objective over the trials at that
   level, its standard deviation, and the 95% t-interval ``mean +- t_{0.975, n-1} * sd / sqrt(n)``
-  (Student 1908; ``scipy.stats.t``); no interval for a level with one trial.
+  (Student 1908; :func:`atm.stats.seed_interval`); no interval for a level with one trial.
+* **Best vs worst level**: per dimension, the difference of the marginal means of its best and its worst level
+  (by the sweep's ``optuna.direction``; highest = best when it is unknown) with Welch's 95% t-interval
+  (``scipy.stats.ttest_ind(..., equal_var=False).confidence_interval``; NaN unless both levels have two trials).
+  The two levels are picked after looking at the means, so the interval is optimistic about the gap.
 * **Importances**, two kinds:
 
   - ``eta2``, model-free: the correlation ratio eta^2 = SS_between / SS_total of a one-way analysis
@@ -27,7 +31,8 @@ A sweep is an MLflow parent run tagged ``atm.sweep_parent=<study>``; its trials 
 Outputs under ``--out`` (default ``analysis/out/ablation_report/``): ``ablation.md`` (also printed),
 ``marginal_means.csv``, ``importances.csv``, ``trials.csv`` (one row per counted trial: objective and
 dimensions), ``marginal_means.png`` (one panel per dimension, means with 95% intervals), logged to a
-new MLflow run (``atm.analysis=ablation_report``) with metrics ``importance/{eta2,optuna}/<sweep>/<dimension>``.
+new MLflow run (``atm.analysis=ablation_report``) with metrics ``importance/{eta2,optuna}/<sweep>/<dimension>``
+and ``ablation/{best_minus_worst,bw_ci_low,bw_ci_high}/<sweep>/<dimension>``.
 
 Usage::
 
@@ -63,9 +68,10 @@ UNSET = "(unset)"
 IGNORED_PREFIXES = ("optuna.", "run_name", "hydra.")
 MIN_TRIALS = 2
 MEANS_COLUMNS = ["sweep", "dimension", "level", "n", "mean", "ci_low", "ci_high", "sd"]
-IMPORTANCE_COLUMNS = ["sweep", "dimension", "n_levels", "eta2", "anova_p", "optuna", "same_as"]
+IMPORTANCE_COLUMNS = ["sweep", "dimension", "n_levels", "eta2", "anova_p", "optuna", "best_level", "worst_level",
+                      "best_minus_worst", "bw_ci_low", "bw_ci_high", "same_as"]
 FORMATS = {"mean": ".6g", "ci_low": ".6g", "ci_high": ".6g", "sd": ".3g", "eta2": ".3f", "anova_p": ".3g",
-           "optuna": ".3f"}
+           "optuna": ".3f", "best_minus_worst": ".4g", "bw_ci_low": ".4g", "bw_ci_high": ".4g"}
 SWEEP_HINT = "run `python -m atm.train +sweep=<name> -m` first"
 
 
@@ -181,18 +187,41 @@ def levels(values: pd.Series, bins: int) -> pd.Series:
 
 def t_interval(values: Sequence[float], confidence: float = CONFIDENCE) -> tuple[float, float, float, float]:
     """``(mean, low, high, sd)``: the mean and its ``confidence`` Student-t interval
-    ``mean +- t_{(1+c)/2, n-1} * sd / sqrt(n)`` (sd with n - 1 degrees of freedom); NaN interval and
-    sd for n = 1."""
+    ``mean +- t_{(1+c)/2, n-1} * sd / sqrt(n)`` (:func:`atm.stats.seed_interval`; sd with n - 1 degrees of
+    freedom); NaN interval and sd for n = 1."""
+    import numpy as np
+
+    from atm import stats
+
+    x = np.asarray(values, dtype=float)
+    interval = stats.seed_interval(x, confidence)
+    sd = float(x.std(ddof=1)) if len(x) > 1 else math.nan
+    return interval.estimate, interval.lo, interval.hi, sd
+
+
+def best_minus_worst(y: Sequence[float], groups: Sequence[str], maximize: bool,
+                     confidence: float = CONFIDENCE) -> dict[str, Any]:
+    """The best and the worst level of one dimension by marginal mean (highest = best when ``maximize``) and
+    the difference of their means ``best - worst`` with Welch's t-interval over their trials
+    (``scipy.stats.ttest_ind(equal_var=False)``; Welch 1947); NaN interval unless both have two trials."""
     import numpy as np
     from scipy import stats
 
-    x = np.asarray(values, dtype=float)
-    mean = float(x.mean())
-    if len(x) < 2:
-        return mean, math.nan, math.nan, math.nan
-    sd = float(x.std(ddof=1))
-    half = float(stats.t.ppf((1.0 + confidence) / 2.0, len(x) - 1)) * sd / math.sqrt(len(x))
-    return mean, mean - half, mean + half, sd
+    y, groups = np.asarray(y, dtype=float), np.asarray(groups)
+    means = {g: float(y[groups == g].mean()) for g in dict.fromkeys(groups)}
+    ranked = sorted(means, key=means.get, reverse=maximize)
+    best, worst = ranked[0], ranked[-1]
+    a, b = y[groups == best], y[groups == worst]
+    lo = hi = math.nan
+    if len(a) > 1 and len(b) > 1 and best != worst:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            ci = stats.ttest_ind(a, b, equal_var=False).confidence_interval(confidence)
+        lo, hi = float(ci.low), float(ci.high)
+        if not (math.isfinite(lo) and math.isfinite(hi)):  # both levels without spread
+            lo = hi = means[best] - means[worst]
+    return {"best_level": best, "worst_level": worst, "best_minus_worst": means[best] - means[worst],
+            "bw_ci_low": lo, "bw_ci_high": hi}
 
 
 def eta_squared(y: Sequence[float], groups: Sequence[str]) -> tuple[float, float]:
@@ -242,10 +271,12 @@ def optuna_importances(parent: Run, storage: str | None, dims: Sequence[str]) ->
 
 def analyse_sweep(parent: Run, trials: pd.DataFrame, bins: int, storage: str | None
                   ) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame, str]:
-    """Marginal means, importances, the counted trials with their levels, and a note."""
+    """Marginal means, importances (with the best-minus-worst level difference), the counted trials with their
+    levels, and a note."""
     import pandas as pd
 
     sweep = parent.data.tags[mf.TAG_SWEEP_PARENT]
+    maximize = parent.data.tags.get("optuna.direction", "").lower() != "minimize"
     counted = trials[trials["state"] == "counted"].reset_index(drop=True)
     dims = dimensions(counted)
     means, importances = [], []
@@ -277,6 +308,7 @@ def analyse_sweep(parent: Run, trials: pd.DataFrame, bins: int, storage: str | N
         optuna_sum = sum(optuna_imp[d] for d in [dim, *aliases] if d in optuna_imp)
         importances.append({"sweep": sweep, "dimension": dim, "n_levels": int(level.nunique()), "eta2": eta2,
                             "anova_p": p, "optuna": optuna_sum if optuna_imp else math.nan,
+                            **best_minus_worst(counted["objective"], level.astype(str), maximize),
                             "same_as": ", ".join(aliases)})
     imp = pd.DataFrame(importances, columns=IMPORTANCE_COLUMNS)
     imp = imp.sort_values("eta2", ascending=False, na_position="last", kind="stable").reset_index(drop=True)
@@ -348,7 +380,8 @@ def _run(args: argparse.Namespace) -> int:
         sections.append(
             f"## Sweep {sweep}: objective {objective} ({directions[sweep] or 'direction unknown'}), trials: "
             f"{summary}\n\nImportance of each dimension (eta2 = SS_between/SS_total of a one-way ANOVA; optuna = "
-            f"optuna.importance.get_param_importances, PED-ANOVA):\n\n"
+            f"optuna.importance.get_param_importances, PED-ANOVA; best_minus_worst = difference of the best and "
+            f"the worst level's mean objective, Welch 95% t-interval bw_ci_low..bw_ci_high):\n\n"
             f"{mf.format_markdown_table(imp.drop(columns='sweep'), FORMATS) if len(imp) else '(no dimension varies)'}"
             f"\n\nMarginal means of the objective per level, 95% t-intervals:\n\n"
             f"{mf.format_markdown_table(means.drop(columns='sweep'), FORMATS) if len(means) else '(none)'}\n")
@@ -366,6 +399,8 @@ def _run(args: argparse.Namespace) -> int:
     for _, row in importances.iterrows():
         metrics[f"importance/eta2/{row['sweep']}/{row['dimension']}"] = row["eta2"]
         metrics[f"importance/optuna/{row['sweep']}/{row['dimension']}"] = row["optuna"]
+        for column in ("best_minus_worst", "bw_ci_low", "bw_ci_high"):
+            metrics[f"ablation/{column}/{row['sweep']}/{row['dimension']}"] = row[column]
     mf.publish(args, index, ANALYSIS_NAME, markdown,
                {"ablation.md": markdown, "marginal_means.csv": means, "importances.csv": importances,
                 "trials.csv": pd.concat(all_trials, ignore_index=True), "marginal_means.png": plot(means, directions)},

@@ -5,11 +5,19 @@ or more teachers) and correlates each probe with XNLI accuracy, pooled over all 
 
 * overall, against ``eval/xnli/avg_accuracy``: ``eval/perplexity/written``,
   ``eval/perplexity/spoken`` (lower is better, so a useful probe correlates *negatively*),
-  ``eval/mask_fill/noun_accuracy`` and ``eval/mask_fill/spoken/slot_accuracy`` (higher is better);
+  ``eval/mask_fill/noun_{accuracy,top10,mrr}`` and ``eval/mask_fill/spoken/slot_{accuracy,top10,mrr}``
+  (top-1 accuracy, top-10 accuracy and mean reciprocal rank of the whole word; higher is better);
 * per language, against the same language's ``eval/xnli/<lang>/accuracy``:
   ``eval/perplexity/written/<lang>``, ``eval/perplexity/spoken/<locale>``,
-  ``eval/mask_fill/<lang>/noun_accuracy``, ``eval/mask_fill/spoken/<locale>/slot_accuracy``, where a
+  ``eval/mask_fill/<lang>/noun_<score>``, ``eval/mask_fill/spoken/<locale>/slot_<score>``, where a
   MASSIVE locale maps to its language (``de-DE`` -> ``de``); pairs without both are left out.
+
+**Degenerate probes are never correlated.** An XNLI classifier that never predicts one of the three classes
+(``eval/xnli/<lang>/degenerate`` = 1) measures its collapse, not the encoder: that (checkpoint, language) is
+left out of the language's rows, and a checkpoint with any degenerate language (or
+``eval/xnli/degenerate_languages`` > 0) is left out of the rows against the average. Column ``n_degenerate``
+says how many checkpoints each row left out; a row with fewer than 3 points left, or a constant predictor or
+target, has no correlation and says why in ``note`` (printed in the table too).
 
 For each (language, probe) it reports n (checkpoints with both values), Pearson r and Spearman rho
 with two-sided p-values and 95% confidence intervals, both through Fisher's z = artanh(r):
@@ -74,6 +82,10 @@ PREDICTORS: tuple[tuple[str, str], ...] = (
     ("perplexity_spoken", "eval/perplexity/spoken"),
     ("mask_fill_noun_accuracy", "eval/mask_fill/noun_accuracy"),
     ("mask_fill_slot_accuracy", "eval/mask_fill/spoken/slot_accuracy"),
+    ("mask_fill_noun_top10", "eval/mask_fill/noun_top10"),
+    ("mask_fill_noun_mrr", "eval/mask_fill/noun_mrr"),
+    ("mask_fill_slot_top10", "eval/mask_fill/spoken/slot_top10"),
+    ("mask_fill_slot_mrr", "eval/mask_fill/spoken/slot_mrr"),
 )
 #: (short name, pattern of the per-language metric key; ``code`` is a language or MASSIVE locale).
 LANG_PREDICTORS: tuple[tuple[str, re.Pattern], ...] = (
@@ -81,23 +93,31 @@ LANG_PREDICTORS: tuple[tuple[str, re.Pattern], ...] = (
     ("perplexity_spoken", re.compile(r"^eval/perplexity/spoken/(?P<code>[^/]+)$")),
     ("mask_fill_noun_accuracy", re.compile(r"^eval/mask_fill/(?P<code>[^/]+)/noun_accuracy$")),
     ("mask_fill_slot_accuracy", re.compile(r"^eval/mask_fill/spoken/(?P<code>[^/]+)/slot_accuracy$")),
+    ("mask_fill_noun_top10", re.compile(r"^eval/mask_fill/(?P<code>[^/]+)/noun_top10$")),
+    ("mask_fill_noun_mrr", re.compile(r"^eval/mask_fill/(?P<code>[^/]+)/noun_mrr$")),
+    ("mask_fill_slot_top10", re.compile(r"^eval/mask_fill/spoken/(?P<code>[^/]+)/slot_top10$")),
+    ("mask_fill_slot_mrr", re.compile(r"^eval/mask_fill/spoken/(?P<code>[^/]+)/slot_mrr$")),
 )
+#: 1.0 when the XNLI classifier of a checkpoint never predicts some class in that language.
+LANG_DEGENERATE = re.compile(r"^eval/xnli/(?P<lang>[^/]+)/degenerate$")
+DEGENERATE_LANGUAGES = "eval/xnli/degenerate_languages"
 OVERALL = "all"  # the `language` of the rows against the average XNLI accuracy
 MIN_POINTS = 3
 CONFIDENCE = 0.95
 DEFAULT_OUT = Path("analysis/out/correlate_xnli")
 
 TABLE_COLUMNS = [
-    "scope", "language", "predictor", "n", "pearson_r", "pearson_95ci", "pearson_p",
-    "spearman_rho", "spearman_95ci", "spearman_p",
+    "scope", "language", "predictor", "n", "n_degenerate", "pearson_r", "pearson_95ci", "pearson_p",
+    "spearman_rho", "spearman_95ci", "spearman_p", "note",
 ]
 CSV_COLUMNS = [
     "scope", "language", "predictor", "metric", "target", "n",
     "pearson_r", "pearson_lo", "pearson_hi", "pearson_p",
-    "spearman_rho", "spearman_lo", "spearman_hi", "spearman_p", "note",
+    "spearman_rho", "spearman_lo", "spearman_hi", "spearman_p", "note", "n_degenerate",
 ]
 TABLE_FORMATS = {
     "n": "d",
+    "n_degenerate": "d",
     "pearson_r": ".6f",
     "spearman_rho": ".6f",
     "pearson_p": ".3g",
@@ -183,10 +203,10 @@ def correlate(x: Sequence[float], y: Sequence[float], confidence: float = CONFID
         out["note"] = f"only {len(x)} paired checkpoint(s), need {MIN_POINTS}"
         return out
     if np.ptp(y) == 0:
-        out["note"] = f"{y_name} is constant ({y[0]:g})"
+        out["note"] = f"{y_name} is constant ({y[0]:g}) over the {len(y)} checkpoints: no correlation"
         return out
     if np.ptp(x) == 0:
-        out["note"] = "constant predictor"
+        out["note"] = f"constant predictor ({x[0]:g}) over the {len(x)} checkpoints: no correlation"
         return out
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -226,12 +246,35 @@ def pairs(columns: Sequence[str]) -> list[tuple[str, str, str, str]]:
     return out + sorted(per_lang)
 
 
+def degenerate(frame: pd.DataFrame, target: str) -> pd.Series:
+    """Per checkpoint (row of ``frame``), True where the XNLI probe behind ``target`` is degenerate.
+
+    ``target`` :data:`TARGET` (the average): any language's ``eval/xnli/<lang>/degenerate`` is 1 or
+    ``eval/xnli/degenerate_languages`` > 0; a language's ``eval/xnli/<lang>/accuracy``: that language's flag.
+    Checkpoints without a flag are not degenerate.
+    """
+    import pandas as pd
+
+    flags = {m["lang"]: frame[key].fillna(0) > 0 for key in frame.columns if (m := LANG_DEGENERATE.match(key))}
+    none = pd.Series(False, index=frame.index)
+    if target != TARGET:
+        lang = target.split("/")[2]
+        return flags.get(lang, none)
+    out = none.copy()
+    for flag in flags.values():
+        out |= flag
+    if DEGENERATE_LANGUAGES in frame.columns:
+        out |= frame[DEGENERATE_LANGUAGES].fillna(0) > 0
+    return out
+
+
 def correlation_table(frame: pd.DataFrame, per_run: bool = False) -> pd.DataFrame:
     """Rows (scope, language, predictor) with n, Pearson r and Spearman rho, their p-values and
     95% intervals (:func:`correlate`), in :data:`CSV_COLUMNS` order.
 
     ``scope`` is ``"pooled"`` for all checkpoints together, else the evaluate run's name/id;
-    ``language`` is ``"all"`` for the probes against the average XNLI accuracy.  Probes never
+    ``language`` is ``"all"`` for the probes against the average XNLI accuracy.  Checkpoints whose
+    XNLI probe is :func:`degenerate` are left out (counted in ``n_degenerate``).  Probes never
     logged by any selected run are left out; per-run rows need at least 3 points.
     """
     import pandas as pd
@@ -245,11 +288,17 @@ def correlation_table(frame: pd.DataFrame, per_run: bool = False) -> pd.DataFram
     rows = []
     for scope, sub in scopes:
         for language, short, key, target in found:
-            stats_ = correlate(sub[key], sub[target], y_name=target)
+            flagged = degenerate(sub, target)
+            both = sub[key].notna() & sub[target].notna()
+            n_degenerate = int((both & flagged).sum())
+            stats_ = correlate(sub[key].where(~flagged), sub[target].where(~flagged), y_name=target)
             if scope != "pooled" and stats_["n"] < MIN_POINTS:
                 continue
+            if n_degenerate and stats_["n"] < MIN_POINTS:
+                stats_["note"] = (f"{n_degenerate} of {n_degenerate + stats_['n']} checkpoint(s) have a degenerate "
+                                  f"XNLI probe (a class never predicted), {stats_['n']} left, need {MIN_POINTS}")
             rows.append({"scope": scope, "language": language, "predictor": short, "metric": key,
-                         "target": target, **stats_})
+                         "target": target, **stats_, "n_degenerate": n_degenerate})
     return pd.DataFrame(rows, columns=CSV_COLUMNS)
 
 
@@ -308,9 +357,14 @@ def plot_scatter(frame: pd.DataFrame, table: pd.DataFrame) -> Any:
     fig, axes = plt.subplots(1, n_panels, figsize=(4.6 * n_panels, 4.2), squeeze=False)
     labels = _run_labels(frame)
     cmap = plt.get_cmap("tab10" if len(labels) <= 10 else "tab20")
+    flagged = degenerate(frame, TARGET)
     for ax, (_, row) in zip(axes[0], pooled.iterrows()):
         key = row["metric"]
-        for i, (run_id, sub) in enumerate(frame.groupby("eval_run_id", sort=False)):
+        left_out = frame[flagged][[key, TARGET]].dropna()
+        if len(left_out):
+            ax.scatter(left_out[key], left_out[TARGET], marker="x", color="grey", s=22, zorder=2,
+                       label="degenerate XNLI probe (left out)")
+        for i, (run_id, sub) in enumerate(frame[~flagged].groupby("eval_run_id", sort=False)):
             sub = sub[[key, TARGET, "step"]].dropna()
             if sub.empty:
                 continue
@@ -366,7 +420,7 @@ def plot_per_language(table: pd.DataFrame) -> Any:
 def mlflow_metrics(table: pd.DataFrame) -> dict[str, float]:
     names = {"pearson": "pearson_r", "pearson_lo": "pearson_lo", "pearson_hi": "pearson_hi",
              "pearson_p": "pearson_p", "spearman": "spearman_rho", "spearman_lo": "spearman_lo",
-             "spearman_hi": "spearman_hi", "spearman_p": "spearman_p", "n": "n"}
+             "spearman_hi": "spearman_hi", "spearman_p": "spearman_p", "n": "n", "n_degenerate": "n_degenerate"}
     out: dict[str, float] = {}
     for _, row in table[table["scope"] == "pooled"].iterrows():
         suffix = row["predictor"] if row["language"] == OVERALL else f"{row['predictor']}/{row['language']}"
@@ -412,17 +466,18 @@ def _run(args: argparse.Namespace) -> int:
               f"{undefined.iloc[0]['note']})", file=sys.stderr)
     pooled = table[(table["scope"] == "pooled") & overall]
     if pooled["pearson_r"].isna().all():
-        raise AtmError(
-            f"no predictor could be correlated with {TARGET}: "
-            + "; ".join(f"{r['predictor']}: {r['note']}"
-                        for _, r in pooled.iterrows())
-        )
+        print(f"warning: no predictor could be correlated with {TARGET} (the table says why per row)",
+              file=sys.stderr)
 
     n_points = int(frame[TARGET].notna().sum())
+    n_degenerate = int((frame[TARGET].notna() & degenerate(frame, TARGET)).sum())
+    if n_degenerate:
+        print(f"warning: {n_degenerate} of {n_points} checkpoint(s) have a degenerate XNLI probe (some class never "
+              f"predicted): left out of every correlation against {TARGET}", file=sys.stderr)
     header = (
-        f"Correlation with {TARGET} over {n_points} checkpoints of {len(runs)} evaluate "
-        f"run(s) in experiment '{experiment.name}' (pooled across runs; 95% intervals by "
-        "Fisher's z, Spearman with the Bonett-Wright variance)"
+        f"Correlation with {TARGET} over {n_points - n_degenerate} checkpoints of {len(runs)} evaluate "
+        f"run(s) in experiment '{experiment.name}' ({n_degenerate} more left out: degenerate XNLI probe; "
+        "pooled across runs; 95% intervals by Fisher's z, Spearman with the Bonett-Wright variance)"
     )
     rendered = render_table(table, header)
     files: dict[str, Any] = {
@@ -442,6 +497,7 @@ def _run(args: argparse.Namespace) -> int:
             "predictors": ",".join(k for _, k in PREDICTORS),
             "n_runs": len(runs),
             "n_checkpoints": n_points,
+            "n_degenerate_checkpoints": n_degenerate,
             "confidence": CONFIDENCE,
             "selection": "run_ids" if args.run_ids else "search",
             "stages": ",".join(args.stages) if args.stages else "pretrain*",

@@ -14,7 +14,10 @@ same recipe (``finetune.*``, ``trainer.*``, ``seed`` params):
 
 For every evaluated locale and their average it reports both exact-match accuracies and the relative
 exact-match error change ``(err_student - err_base) / err_base`` with err = 1 - exact match
-(:func:`atm.metrics.relative_error_change`; negative = the student makes fewer errors).
+(:func:`atm.metrics.relative_error_change`; negative = the student makes fewer errors), with the 95% interval
+of that change and of the exact-match difference by a paired bootstrap over the test utterances both
+finetune runs predicted (``predictions/<locale>.jsonl``, seeds resampled too; :mod:`analysis._examples`); the
+``avg`` row pools the locales (utterances resampled within each locale, per-locale scores averaged).
 
 Outputs under ``--out`` (default ``analysis/out/distillation_table/``): ``distillation.md`` (also
 printed: locale averages), ``distillation.csv`` (every locale, run ids, standard errors),
@@ -39,6 +42,7 @@ _REPO_ROOT = Path(__file__).resolve().parent.parent
 if str(_REPO_ROOT) not in {str(Path(p).resolve()) for p in sys.path if p}:
     sys.path.insert(0, str(_REPO_ROOT))  # `python analysis/distillation_table.py` without installing
 
+from analysis import _examples as ex
 from analysis import _mlflow_frames as mf
 from atm.errors import AtmError
 
@@ -53,7 +57,7 @@ SCRATCH_STAGES = ("pretrain_stage2", "pretrain_stage1")
 ARCHITECTURE = ("model.hidden_size", "model.num_hidden_layers", "model.num_attention_heads",
                 "model.intermediate_size")
 TABLE_COLUMNS = ["student", "stage", "non_embedding_params", "setting", "encoder", "baseline", "baseline_run",
-                 "em_student", "em_baseline", "em_rel_error_change"]
+                 "em_student", "em_baseline", "em_rel_error_change", "em_95ci"]
 FORMATS = {"em_student": ".4f", "em_baseline": ".4f", "em_rel_error_change": "+.2%"}
 HINT = ("fine-tune the student, its teacher and a same-size model pretrained from scratch with the same recipe, "
         "e.g. `python -m atm.train stage=finetune encoder=final`, `encoder=intermediate`, and "
@@ -88,10 +92,24 @@ def scratch_models(index: mf.RunIndex, student: Run) -> list[Run]:
     return sorted(runs, key=lambda r: (order[r.data.tags[mf.TAG_STAGE]], -r.info.start_time))
 
 
+def baseline_finetune(index: mf.RunIndex, candidates: Sequence[Run], variant: tuple[str, bool],
+                      ft: Run) -> tuple[Run | None, Run | None]:
+    """``(baseline, its finetune run)``: the first of ``candidates`` with a finetune run of ``variant`` and the
+    recipe of ``ft`` (:func:`analysis._mlflow_frames.matching_finetune`), else ``(None, None)``."""
+    for candidate in candidates:
+        base_ft = mf.matching_finetune(mf.finetunes_of(index, candidate.info.run_id).get(variant, []), ft)
+        if base_ft is not None:
+            return candidate, base_ft
+    return None, None
+
+
 def comparison_rows(student: Run, ft: Run, kind: str, base: Run | None, base_ft: Run | None,
-                    note: str) -> list[dict[str, Any]]:
-    """Rows (one per locale of the student's finetune run, ``avg`` first) against one baseline."""
+                    note: str, artifacts: ex.Artifacts | None = None) -> list[dict[str, Any]]:
+    """Rows (one per locale of the student's finetune run, ``avg`` first) against one baseline, with
+    paired-bootstrap intervals when ``artifacts`` is given and both finetune runs logged predictions."""
     scores = mf.massive_scores(ft)
+    comparisons, interval_note = ({}, "") if base_ft is None or artifacts is None else ex.compare_finetunes(
+        artifacts, ft, base_ft, ["exact_match"], per_locale=True)
     base_scores = mf.massive_scores(base_ft) if base_ft is not None else {}
     setting, frozen = mf.finetune_variant(ft)
     locales = sorted({loc for loc, _ in scores}, key=lambda loc: (loc != "avg", loc))
@@ -111,6 +129,10 @@ def comparison_rows(student: Run, ft: Run, kind: str, base: Run | None, base_ft:
             "em_rel_error_change": mf.error_change(em, em_base),
             "em_se_student": scores.get((locale, "exact_match_se"), math.nan),
             "em_se_baseline": base_scores.get((locale, "exact_match_se"), math.nan),
+            **ex.interval_columns(comparisons.get(locale), "exact_match", "em"),
+            "n_examples": comparisons[locale].n if locale in comparisons else 0,
+            "interval_note": "" if locale in comparisons or base_ft is None else (
+                interval_note or f"no interval: no predictions of both runs in {locale}"),
             "student_run_id": student.info.run_id, "student_finetune_run_id": ft.info.run_id,
             "baseline_run_id": base.info.run_id if base is not None else "",
             "baseline_finetune_run_id": base_ft.info.run_id if base_ft is not None else "",
@@ -128,6 +150,7 @@ def distillation_frame(index: mf.RunIndex, students: Sequence[Run]) -> tuple[pd.
     import pandas as pd
 
     rows, used = [], []
+    artifacts = ex.Artifacts(index.client)
     for student in students:
         finetunes = mf.finetunes_of(index, student.info.run_id)
         teacher = teacher_of(index, student)
@@ -142,17 +165,12 @@ def distillation_frame(index: mf.RunIndex, students: Sequence[Run]) -> tuple[pd.
                 candidates = [("teacher", [teacher] if teacher is not None else [], "no teacher run"),
                               ("scratch", scratch, "no from-scratch run of this architecture")]
                 for kind, bases, missing in candidates:
-                    base = base_ft = None
-                    for candidate in bases:
-                        base_ft = mf.matching_finetune(mf.finetunes_of(index, candidate.info.run_id).get(variant, []), ft)
-                        if base_ft is not None:
-                            base = candidate
-                            break
+                    base, base_ft = baseline_finetune(index, bases, variant, ft)
                     note = "" if base_ft is not None else (
                         f"{missing}" if not bases else "no finetune run of the same variant and recipe")
                     if base_ft is not None:
                         used += [base.info.run_id, base_ft.info.run_id]
-                    rows += comparison_rows(student, ft, kind, base, base_ft, note)
+                    rows += comparison_rows(student, ft, kind, base, base_ft, note, artifacts)
     if not rows:
         raise AtmError(f"no finished finetune run over any of {len(students)} student run(s) {index.where}; {HINT}")
     return pd.DataFrame(rows), used
@@ -190,15 +208,21 @@ def _run(args: argparse.Namespace) -> int:
         print(f"warning: {row['student']} ({row['setting']}, {row['encoder']} encoder) vs {row['baseline']}: "
               f"{row['note']}; left as nan", file=sys.stderr)
     avg = frame[frame["locale"] == "avg"].copy()
+    for note in sorted(set(avg["interval_note"]) - {""}):
+        print(f"warning: {note}", file=sys.stderr)
     avg["non_embedding_params"] = [mf.human_count(v) for v in avg["non_embedding_params"]]
+    avg["em_95ci"] = [ex.format_interval(lo, hi) for lo, hi in
+                      zip(avg["em_rel_error_change_lo"], avg["em_rel_error_change_hi"])]
     header = ("Distilled students vs teachers and vs same-size models pretrained from scratch: MASSIVE exact "
               "match (average over the evaluated locales) and the relative exact-match error change "
-              f"(err_student - err_baseline) / err_baseline, negative = student better; {index.where}")
+              "(err_student - err_baseline) / err_baseline, negative = student better, with 95% paired-bootstrap "
+              f"intervals over test utterances (and seeds); {index.where}")
     markdown = f"{header}\n\n{mf.format_markdown_table(avg[TABLE_COLUMNS], FORMATS)}\n"
     metrics = {}
     for _, row in frame[frame["locale"] == "avg"].iterrows():  # oldest first: newer students overwrite
-        metrics[f"distill/{row['stage']}/{row['setting']}/{row['encoder']}/vs_{row['baseline']}/"
-                "em_rel_error_change"] = row["em_rel_error_change"]
+        key = f"distill/{row['stage']}/{row['setting']}/{row['encoder']}/vs_{row['baseline']}/em_rel_error_change"
+        for suffix in ("", "_lo", "_hi"):
+            metrics[key + suffix] = row[f"em_rel_error_change{suffix}"]
     mf.publish(args, index, ANALYSIS_NAME, markdown,
                {"distillation.md": markdown, "distillation.csv": frame, "distillation.png": plot(frame)},
                consumed_run_ids=used, metrics=metrics,

@@ -13,9 +13,21 @@ or ``distill_final`` run; sweep trials only with ``--include-trials``), sorted b
 * MASSIVE, from the newest finetune run over the encoder of the chosen variant (``--setting``,
   ``--frozen-encoder``): ``eval/massive/avg/{intent_accuracy,slot_f1,exact_match}``.
 
+Then, per pretraining stage with teachers of at least two sizes, the **largest minus the smallest teacher**
+(newest run of each size) with 95% intervals (:func:`extremes_rows`):
+
+* perplexity (written, spoken): the relative change of the geometric mean over languages,
+  ``exp(mean_l log(ppl_large,l / ppl_small,l)) - 1``, Student-t interval over the languages' log ratios
+  (:func:`atm.stats.seed_interval`), mapped back by ``exp(x) - 1`` (negative = the larger teacher is better);
+* mask filling (noun, slot) and XNLI accuracy at the last checkpoint: paired bootstrap over the probe items
+  of the newest evaluate runs' ``evaluation/examples/step-<N>.csv`` (pooled over languages);
+* MASSIVE intent accuracy, slot F1, exact match: paired bootstrap over the test utterances of same-recipe
+  finetune runs of the chosen variant (``predictions/<locale>.jsonl``, pooled over locales; :mod:`analysis._examples`).
+
 Outputs under ``--out`` (default ``analysis/out/scaling_table/``): ``scaling.md`` (also printed),
-``scaling.csv`` (full precision, with the run ids), ``scaling.png`` (each metric against size), all
-logged to a new MLflow run tagged ``atm.stage=analysis``, ``atm.analysis=scaling_table``.
+``scaling.csv`` (full precision, with the run ids), ``scaling_difference.csv`` (largest minus smallest teacher),
+``scaling.png`` (each metric against size), all logged to a new MLflow run tagged ``atm.stage=analysis``,
+``atm.analysis=scaling_table``.
 
 Usage::
 
@@ -37,6 +49,7 @@ _REPO_ROOT = Path(__file__).resolve().parent.parent
 if str(_REPO_ROOT) not in {str(Path(p).resolve()) for p in sys.path if p}:
     sys.path.insert(0, str(_REPO_ROOT))  # `python analysis/scaling_table.py` without installing
 
+from analysis import _examples as ex
 from analysis import _mlflow_frames as mf
 from atm.errors import AtmError
 
@@ -58,6 +71,13 @@ OWN_METRICS = ("perplexity_written", "perplexity_spoken")
 MASSIVE = tuple(f"massive_{s}" for s in mf.MASSIVE_SCORES)
 TABLE_COLUMNS = ["run", "stage", "model", "non_embedding_params", *(c for c, _ in INTRINSIC), *MASSIVE]
 FORMATS = {c: ".3f" for c, _ in INTRINSIC[:2]} | {c: ".4f" for c, _ in INTRINSIC[2:]} | {c: ".4f" for c in MASSIVE}
+#: Stages whose runs are teachers, compared largest vs smallest.
+TEACHER_STAGES = ("pretrain_stage1", "pretrain_stage2")
+#: (quantity, evaluate-run probe of evaluation/examples) of the per-item probes.
+PROBES = (("mask_fill_noun_accuracy", "noun"), ("mask_fill_slot_accuracy", "slot"), ("xnli_accuracy", "xnli"))
+PERPLEXITY_DOMAINS = ("written", "spoken")
+DIFFERENCE_COLUMNS = ["stage", "small_run", "large_run", "quantity", "small", "large", "difference", "ci_low",
+                      "ci_high", "n", "unit"]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -141,6 +161,129 @@ def scaling_frame(index: mf.RunIndex, runs: Sequence[Run], variant: tuple[str, b
     return frame.drop(columns="_order").reset_index(drop=True), used
 
 
+# ---------------------------------------------------------------------------------------------
+# largest minus smallest teacher
+
+
+def teacher_extremes(runs: Sequence[Run], stage: str) -> tuple[Run, Run] | None:
+    """``(smallest, largest)`` teacher of ``stage`` among ``runs`` by non-embedding size (the newest run of
+    each size); None with fewer than two sizes."""
+    by_size: dict[float, Run] = {}
+    for run in runs:  # oldest first: the newest run of a size wins
+        size = mf.model_size(run)[0]
+        if run.data.tags.get(mf.TAG_STAGE) == stage and not math.isnan(size):
+            by_size[size] = run
+    if len(by_size) < 2:
+        return None
+    return by_size[min(by_size)], by_size[max(by_size)]
+
+
+def matched_finetunes(index: mf.RunIndex, small: Run, large: Run, variant: tuple[str, bool]) -> tuple[Run, Run] | None:
+    """``(finetune over small, finetune over large)``: the newest finetune run of ``variant`` over ``large`` with a
+    same-recipe one over ``small`` (:func:`analysis._mlflow_frames.matching_finetune`), or None."""
+    small_fts = mf.finetunes_of(index, small.info.run_id).get(variant, [])
+    for ft_large in mf.finetunes_of(index, large.info.run_id).get(variant, []):  # newest first
+        ft_small = mf.matching_finetune(small_fts, ft_large)
+        if ft_small is not None:
+            return ft_small, ft_large
+    return None
+
+
+def perplexity_change(small_eval: Run, large_eval: Run, domains: Sequence[str]) -> tuple[Any, str]:
+    """Relative change of the geometric-mean perplexity over languages, large vs small, and a note.
+
+    Per language ``l`` of ``eval/perplexity/<domain>/<l>`` both evaluate runs logged (last checkpoint):
+    ``d_l = log(ppl_large,l / ppl_small,l)``; the estimate is ``exp(mean d) - 1`` with the Student-t interval
+    of ``mean d`` over languages (:func:`atm.stats.seed_interval`) mapped by ``exp(x) - 1``.
+
+    Returns:
+        ``(atm.stats.Interval or None, note)``: None with fewer than one common language.
+    """
+    import numpy as np
+
+    from atm import stats
+
+    logs = []
+    for domain in domains:
+        prefix = f"eval/perplexity/{domain}/"
+        small, large = small_eval.data.metrics, large_eval.data.metrics
+        for key in sorted(k for k in large if k.startswith(prefix) and "/" not in k[len(prefix):]):
+            if key in small and small[key] > 0 and large[key] > 0:
+                logs.append(math.log(large[key] / small[key]))
+    if not logs:
+        return None, f"no per-language perplexity ({', '.join(domains)}) logged by both evaluate runs"
+    iv = stats.seed_interval(logs)
+    change = stats.Interval(*(float(np.expm1(v)) for v in (iv.estimate, iv.lo, iv.hi)), iv.n)
+    return change, "" if len(logs) > 1 else "one language: no interval"
+
+
+def extremes_rows(index: mf.RunIndex, artifacts: ex.Artifacts, small: Run, large: Run,
+                  variant: tuple[str, bool]) -> tuple[list[dict[str, Any]], list[str]]:
+    """Largest-minus-smallest rows (see the module docstring) and the run ids they read."""
+    rows, used = [], []
+    base = {"stage": large.data.tags.get(mf.TAG_STAGE, ""),
+            "small_run": small.info.run_name or small.info.run_id[:8],
+            "large_run": large.info.run_name or large.info.run_id[:8],
+            "small_params": mf.model_size(small)[0], "large_params": mf.model_size(large)[0],
+            "small_run_id": small.info.run_id, "large_run_id": large.info.run_id}
+
+    def add(quantity: str, small_value: float, large_value: float, interval: Any, unit: str, note: str,
+            ids: Sequence[str]) -> None:
+        rows.append({**base, "quantity": quantity, "small": small_value, "large": large_value,
+                     "difference": interval.estimate if interval is not None else math.nan,
+                     "ci_low": interval.lo if interval is not None else math.nan,
+                     "ci_high": interval.hi if interval is not None else math.nan,
+                     "n": interval.n if interval is not None else 0, "unit": unit, "note": note,
+                     "run_ids": ",".join(ids)})
+        used.extend(ids)
+
+    evals = index.evaluations(small.info.run_id), index.evaluations(large.info.run_id)
+    if evals[0] and evals[1]:
+        e_small, e_large = evals[0][-1], evals[1][-1]
+        ids = [e_small.info.run_id, e_large.info.run_id]
+        for domain in PERPLEXITY_DOMAINS:
+            key = f"eval/perplexity/{domain}"
+            change, note = perplexity_change(e_small, e_large, [domain])
+            add(f"perplexity_{domain}", e_small.data.metrics.get(key, math.nan),
+                e_large.data.metrics.get(key, math.nan), change, "languages (relative change)", note, ids)
+        steps = ex.example_steps(artifacts, e_small), ex.example_steps(artifacts, e_large)
+        for quantity, probe in PROBES:
+            key = dict(INTRINSIC)[quantity]
+            frames = [ex.probe_examples(artifacts, run, s[-1], probe) if s else None
+                      for run, s in zip((e_small, e_large), steps)]
+            comparison = None if any(f is None for f in frames) else ex.compare(frames[1], frames[0], ["accuracy"])
+            note = "" if comparison else "no evaluation/examples of this probe in both evaluate runs"
+            add(quantity, e_small.data.metrics.get(key, math.nan), e_large.data.metrics.get(key, math.nan),
+                comparison.difference["accuracy"] if comparison else None, "probe items", note, ids)
+    pair = matched_finetunes(index, small, large, variant)
+    if pair is not None:
+        ft_small, ft_large = pair
+        comparisons, note = ex.compare_finetunes(artifacts, ft_large, ft_small, mf.MASSIVE_SCORES)
+        s_small, s_large = mf.massive_scores(ft_small), mf.massive_scores(ft_large)
+        for score in mf.MASSIVE_SCORES:
+            add(f"massive_{score}", s_small.get(("avg", score), math.nan), s_large.get(("avg", score), math.nan),
+                comparisons["avg"].difference[score] if comparisons else None, "test utterances", note,
+                [ft_small.info.run_id, ft_large.info.run_id])
+    return rows, used
+
+
+def difference_frame(index: mf.RunIndex, runs: Sequence[Run], variant: tuple[str, bool]
+                     ) -> tuple[pd.DataFrame, list[str]]:
+    """:func:`extremes_rows` of every teacher stage with two sizes among ``runs``."""
+    import pandas as pd
+
+    rows, used = [], []
+    artifacts = ex.Artifacts(index.client)
+    for stage in TEACHER_STAGES:
+        pair = teacher_extremes(runs, stage)
+        if pair is not None:
+            more, ids = extremes_rows(index, artifacts, *pair, variant)
+            rows += more
+            used += ids
+    return pd.DataFrame(rows, columns=[*DIFFERENCE_COLUMNS, "note", "small_params", "large_params",
+                                       "small_run_id", "large_run_id", "run_ids"]), used
+
+
 def plot(frame: pd.DataFrame) -> Any:
     """One panel per metric that has a value, against non-embedding parameters (log scale)."""
     plt = mf.pyplot()
@@ -181,13 +324,25 @@ def _run(args: argparse.Namespace) -> int:
     header = (f"Scaling: {len(frame)} MLM encoder(s) {index.where}; MASSIVE = eval/massive/avg of the newest "
               f"finetune run with setting={variant[0]}, {mf.encoder_label(variant[1])} encoder")
     markdown = f"{header}\n\n{mf.format_markdown_table(shown, FORMATS)}\n"
+    differences, more = difference_frame(index, runs, variant)
+    used += more
+    if len(differences):
+        markdown += ("\nLargest minus smallest teacher, 95% intervals (perplexity: relative change of the geometric "
+                     "mean over languages, t over languages; probes and MASSIVE: paired bootstrap over items):\n\n"
+                     + mf.format_markdown_table(differences[DIFFERENCE_COLUMNS],
+                                                {c: ".4g" for c in DIFFERENCE_COLUMNS[4:9]}) + "\n")
     no_size = frame[frame["size_source"] == ""]["run"].tolist()
     if no_size:
         print(f"warning: no size for {len(no_size)} run(s) (no cost/non_embedding_parameters metric nor "
               f"model.* params): {', '.join(no_size)}", file=sys.stderr)
+    metrics = {}
+    for _, row in differences.iterrows():
+        key = f"scaling/{row['stage']}/largest_minus_smallest/{row['quantity']}"
+        metrics.update({key: row["difference"], f"{key}_lo": row["ci_low"], f"{key}_hi": row["ci_high"]})
     mf.publish(args, index, ANALYSIS_NAME, markdown,
-               {"scaling.md": markdown, "scaling.csv": frame, "scaling.png": plot(frame)},
-               consumed_run_ids=used,
+               {"scaling.md": markdown, "scaling.csv": frame, "scaling_difference.csv": differences,
+                "scaling.png": plot(frame)},
+               consumed_run_ids=used, metrics=metrics,
                params={"n_encoders": len(frame), "finetune_setting": variant[0],
                        "frozen_encoder": variant[1], "selection": "run_ids" if args.run_ids else "search"})
     return 0

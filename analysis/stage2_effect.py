@@ -9,13 +9,18 @@ for every evaluated locale and their average it reports the relative error-rate 
     (err_stage2 - err_stage1) / err_stage1        (negative = Stage 2 makes fewer errors)
 
 of intent classification (err = 1 - intent accuracy) and slot filling (err = 1 - slot F1), the
-AlexaTM papers' measure (:func:`atm.metrics.relative_error_change`).
+AlexaTM papers' measure (:func:`atm.metrics.relative_error_change`), with its 95% interval and that of the
+difference of the scores (intent accuracy, slot F1) by a paired bootstrap over the test utterances both runs
+predicted (``predictions/<locale>.jsonl``; each run's seeds resampled too; :mod:`analysis._examples`,
+:func:`atm.stats.paired_bootstrap`). The ``avg`` row pools the locales: utterances are resampled within each
+locale and the per-locale scores averaged. A pair whose runs logged no predictions has no interval (a note says so).
 
 Outputs under ``--out`` (default ``analysis/out/stage2_effect/``): ``stage2_effect.md`` (also
 printed: the locale average per pair, then every locale), ``stage2_effect.csv`` (every row, full
 precision, with run ids and standard errors), ``stage2_effect.png`` (bars per locale), logged to a
 new MLflow run (``atm.analysis=stage2_effect``) with metrics
-``stage2/<setting>/<full|frozen>/<locale>/{intent,slot}_rel_error_change`` of the newest Stage-2 run.
+``stage2/<setting>/<full|frozen>/<locale>/{intent,slot}_rel_error_change`` (and ``_lo``/``_hi``) of the newest
+Stage-2 run.
 
 Usage::
 
@@ -39,6 +44,7 @@ _REPO_ROOT = Path(__file__).resolve().parent.parent
 if str(_REPO_ROOT) not in {str(Path(p).resolve()) for p in sys.path if p}:
     sys.path.insert(0, str(_REPO_ROOT))  # `python analysis/stage2_effect.py` without installing
 
+from analysis import _examples as ex
 from analysis import _mlflow_frames as mf
 from atm.errors import AtmError
 
@@ -51,9 +57,10 @@ STAGE1, STAGE2 = "pretrain_stage1", "pretrain_stage2"
 #: (short name, MASSIVE score) of the two tasks compared.
 TASKS = (("intent", "intent_accuracy"), ("slot", "slot_f1"))
 TABLE_COLUMNS = ["stage2_run", "setting", "encoder", "locale",
-                 "intent_err_stage1", "intent_err_stage2", "intent_rel_error_change",
-                 "slot_err_stage1", "slot_err_stage2", "slot_rel_error_change"]
-FORMATS = {c: ".4f" for c in TABLE_COLUMNS[4:]} | {"intent_rel_error_change": "+.2%", "slot_rel_error_change": "+.2%"}
+                 "intent_err_stage1", "intent_err_stage2", "intent_rel_error_change", "intent_95ci",
+                 "slot_err_stage1", "slot_err_stage2", "slot_rel_error_change", "slot_95ci"]
+FORMATS = {c: ".4f" for c in TABLE_COLUMNS[4:] if "95ci" not in c} | {"intent_rel_error_change": "+.2%",
+                                                                       "slot_rel_error_change": "+.2%"}
 HINT = ("fine-tune both teachers with the same recipe: `python -m atm.train stage=finetune encoder=stage1` and "
         "`... encoder=stage2` (add finetune.freeze_encoder=true for the frozen-encoder rows)")
 
@@ -67,9 +74,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
 
-def pair_rows(stage2: Run, stage1: Run, ft2: Run, ft1: Run) -> list[dict[str, Any]]:
-    """One row per locale both finetune runs were evaluated on (``avg`` first)."""
+def pair_rows(stage2: Run, stage1: Run, ft2: Run, ft1: Run,
+              artifacts: ex.Artifacts | None = None) -> list[dict[str, Any]]:
+    """One row per locale both finetune runs were evaluated on (``avg`` first), with paired-bootstrap intervals
+    from their predictions when ``artifacts`` is given and they logged them."""
     s2, s1 = mf.massive_scores(ft2), mf.massive_scores(ft1)
+    comparisons, note = ({}, "no interval: not computed") if artifacts is None else ex.compare_finetunes(
+        artifacts, ft2, ft1, [score for _, score in TASKS], per_locale=True)
     setting, frozen = mf.finetune_variant(ft2)
     locales = sorted({loc for loc, score in s2 if (loc, score) in s1}, key=lambda loc: (loc != "avg", loc))
     rows = []
@@ -83,11 +94,44 @@ def pair_rows(stage2: Run, stage1: Run, ft2: Run, ft1: Run) -> list[dict[str, An
             row.update({f"{task}_err_stage1": 1.0 - a1, f"{task}_err_stage2": 1.0 - a2,
                         f"{task}_rel_error_change": mf.error_change(a2, a1),
                         f"{task}_err_se_stage1": s1.get((locale, f"{score}_se"), math.nan),
-                        f"{task}_err_se_stage2": s2.get((locale, f"{score}_se"), math.nan)})
+                        f"{task}_err_se_stage2": s2.get((locale, f"{score}_se"), math.nan),
+                        **ex.interval_columns(comparisons.get(locale), score, task)})
+        comparison = comparisons.get(locale)
+        row.update({"n_examples": comparison.n if comparison else 0,
+                    "seeds_stage1": len(comparison.seeds_b) if comparison else 0,
+                    "seeds_stage2": len(comparison.seeds_a) if comparison else 0,
+                    "interval_note": "" if comparison else (note or f"no interval: no predictions of both runs in {locale}")})
         row.update({"stage2_run_id": stage2.info.run_id, "stage1_run_id": stage1.info.run_id,
                     "finetune_stage2_run_id": ft2.info.run_id, "finetune_stage1_run_id": ft1.info.run_id})
         rows.append(row)
     return rows
+
+
+def finetune_pairs(index: mf.RunIndex, stage2: Run) -> tuple[Run | None, list[tuple[Run, Run]], str]:
+    """``(stage1, [(finetune over stage2, finetune over stage1), ...], note)``: the Stage-1 teacher ``stage2``
+    continued (its ``atm.input.init``) and, per variant and recipe (newest first), the finetune run over the
+    Stage-2 teacher with the newest same-variant, same-recipe finetune run over the Stage-1 teacher; the note
+    says why the list is empty."""
+    label = mf.run_label(stage2)
+    stage1 = index.input(stage2, "init")
+    if stage1 is None:
+        return None, [], f"{label}: its atm.input.init (the Stage-1 teacher) is not an MLflow run"
+    ft2_all, ft1_all = mf.finetunes_of(index, stage2.info.run_id), mf.finetunes_of(index, stage1.info.run_id)
+    pairs = []
+    for variant, ft2_runs in ft2_all.items():
+        seen = set()
+        for ft2 in ft2_runs:  # newest first; one pair per recipe
+            recipe = mf.finetune_recipe(ft2)
+            if recipe in seen:
+                continue
+            seen.add(recipe)
+            ft1 = mf.matching_finetune(ft1_all.get(variant, []), ft2)
+            if ft1 is not None:
+                pairs.append((ft2, ft1))
+    note = "" if pairs else (f"{label}: {sum(map(len, ft2_all.values()))} finetune run(s) over it, "
+                             f"{sum(map(len, ft1_all.values()))} over its Stage-1 teacher "
+                             f"{stage1.info.run_id}, none with the same variant and recipe")
+    return stage1, pairs, note
 
 
 def effect_frame(index: mf.RunIndex, stage2_runs: Sequence[Run]) -> tuple[pd.DataFrame, list[str], list[str]]:
@@ -99,30 +143,14 @@ def effect_frame(index: mf.RunIndex, stage2_runs: Sequence[Run]) -> tuple[pd.Dat
     import pandas as pd
 
     rows, used, notes = [], [], []
+    artifacts = ex.Artifacts(index.client)
     for stage2 in stage2_runs:
-        label = mf.run_label(stage2)
-        stage1 = index.input(stage2, "init")
-        if stage1 is None:
-            notes.append(f"{label}: its atm.input.init (the Stage-1 teacher) is not an MLflow run")
-            continue
-        ft2_all, ft1_all = mf.finetunes_of(index, stage2.info.run_id), mf.finetunes_of(index, stage1.info.run_id)
-        paired = 0
-        for variant, ft2_runs in ft2_all.items():
-            seen = set()
-            for ft2 in ft2_runs:  # newest first; one pair per recipe
-                recipe = mf.finetune_recipe(ft2)
-                if recipe in seen:
-                    continue
-                seen.add(recipe)
-                ft1 = mf.matching_finetune(ft1_all.get(variant, []), ft2)
-                if ft1 is not None:
-                    rows += pair_rows(stage2, stage1, ft2, ft1)
-                    used += [stage2.info.run_id, stage1.info.run_id, ft2.info.run_id, ft1.info.run_id]
-                    paired += 1
-        if not paired:
-            notes.append(f"{label}: {sum(map(len, ft2_all.values()))} finetune run(s) over it, "
-                         f"{sum(map(len, ft1_all.values()))} over its Stage-1 teacher "
-                         f"{stage1.info.run_id}, none with the same variant and recipe")
+        stage1, pairs, note = finetune_pairs(index, stage2)
+        if note:
+            notes.append(note)
+        for ft2, ft1 in pairs:
+            rows += pair_rows(stage2, stage1, ft2, ft1, artifacts)
+            used += [stage2.info.run_id, stage1.info.run_id, ft2.info.run_id, ft1.info.run_id]
     if not rows:
         raise AtmError(f"no Stage-2/Stage-1 pair of finetune runs {index.where} ({'; '.join(notes)}); {HINT}")
     return pd.DataFrame(rows), used, notes
@@ -160,18 +188,26 @@ def _run(args: argparse.Namespace) -> int:
     frame, used, notes = effect_frame(index, stage2_runs)
     for note in notes:
         print(f"warning: skipped {note}", file=sys.stderr)
-    avg = frame[frame["locale"] == "avg"]
+    for note in sorted(set(frame.loc[frame["locale"] == "avg", "interval_note"]) - {""}):
+        print(f"warning: {note}", file=sys.stderr)
+    shown = frame.copy()
+    for task, _ in TASKS:
+        shown[f"{task}_95ci"] = [ex.format_interval(lo, hi) for lo, hi in
+                                 zip(shown[f"{task}_rel_error_change_lo"], shown[f"{task}_rel_error_change_hi"])]
+    avg = shown[shown["locale"] == "avg"]
     header = ("Stage-2 vs Stage-1 teacher on MASSIVE: relative error-rate change (err_stage2 - err_stage1) / "
-              f"err_stage1, negative = Stage 2 better; {index.where}")
+              "err_stage1, negative = Stage 2 better, with 95% paired-bootstrap intervals over test utterances "
+              f"(and seeds); {index.where}")
     markdown = f"{header}\n\nAverage over the evaluated locales:\n\n{mf.format_markdown_table(avg[TABLE_COLUMNS], FORMATS)}\n"
     if frame["locale"].nunique() > 2:  # more than avg and one locale
-        per_locale = frame[frame["locale"] != "avg"]
+        per_locale = shown[shown["locale"] != "avg"]
         markdown += f"\nPer locale:\n\n{mf.format_markdown_table(per_locale[TABLE_COLUMNS], FORMATS)}\n"
     metrics = {}
     for _, row in frame.iterrows():  # runs are oldest first: the newest Stage-2 run's values win
         for task, _ in TASKS:
-            metrics[f"stage2/{row['setting']}/{row['encoder']}/{row['locale']}/{task}_rel_error_change"] = \
-                row[f"{task}_rel_error_change"]
+            key = f"stage2/{row['setting']}/{row['encoder']}/{row['locale']}/{task}_rel_error_change"
+            for suffix in ("", "_lo", "_hi"):
+                metrics[key + suffix] = row[f"{task}_rel_error_change{suffix}"]
     mf.publish(args, index, ANALYSIS_NAME, markdown,
                {"stage2_effect.md": markdown, "stage2_effect.csv": frame, "stage2_effect.png": plot(frame)},
                consumed_run_ids=used, metrics=metrics,

@@ -107,9 +107,11 @@ def _percentile(values: np.ndarray, confidence: float) -> tuple[float, float]:
 
 
 def _resamples_in_chunks(n_examples: int, n_resamples: int, rng: np.random.Generator, work: Callable,
-                         chunk_cells: int = 2_000_000) -> np.ndarray:
-    """Run ``work(example_idx)`` over chunks of resamples so memory stays bounded; concatenates the results."""
-    per_chunk = max(1, chunk_cells // max(n_examples, 1))
+                         cells_per_resample: int | None = None, chunk_cells: int = 2_000_000) -> np.ndarray:
+    """Run ``work(example_idx)`` over chunks of resamples so memory stays bounded (about ``chunk_cells``
+    resampled scores at once; ``cells_per_resample``: seeds x examples x components of one resample, default
+    ``n_examples``); concatenates the results."""
+    per_chunk = max(1, chunk_cells // max(cells_per_resample or n_examples, 1))
     out = []
     for start in range(0, n_resamples, per_chunk):
         b = min(per_chunk, n_resamples - start)
@@ -134,7 +136,7 @@ def bootstrap_interval(scores, statistic: Statistic = mean_score, *, confidence:
     rng = np.random.default_rng(seed)
     estimate = float(statistic(arr[None])[0])
     values = _resamples_in_chunks(arr.shape[1], n_resamples, rng,
-                                  lambda idx: statistic(_resample(arr, idx, rng)))
+                                  lambda idx: statistic(_resample(arr, idx, rng)), arr.size)
     lo, hi = _percentile(values, confidence)
     return Interval(estimate, lo, hi, arr.shape[1])
 
@@ -164,7 +166,7 @@ def paired_bootstrap(scores_a, scores_b, statistic: Statistic = mean_score, *, c
     def work(idx: np.ndarray) -> np.ndarray:
         return statistic(_resample(a, idx, rng)) - statistic(_resample(b, idx, rng))
 
-    values = _resamples_in_chunks(a.shape[1], n_resamples, rng, work)
+    values = _resamples_in_chunks(a.shape[1], n_resamples, rng, work, a.size + b.size)
     lo, hi = _percentile(values, confidence)
     return Interval(estimate, lo, hi, a.shape[1])
 

@@ -1,17 +1,21 @@
 """The AlexaTM/Distiller table scripts (analysis/scaling_table.py, stage2_effect.py, distillation_table.py,
 ablation_report.py) on a throw-away SQLite MLflow store whose runs are recorded by atm's own tracking code
 (``atm.tracking.start_run`` over configs composed from conf/, so params and lineage tags are the real ones)
-with known metric values, so that every number in the tables can be checked by hand."""
+with known metric values, so that every number in the tables can be checked by hand. The full fine-tunings log
+``predictions/<locale>.jsonl`` whose intent accuracy and exact match are the logged ones (one seed, 100 utterances),
+from which the tables draw their paired-bootstrap intervals."""
 
 from __future__ import annotations
 
 import importlib.util
+import json
 import math
 import os
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 
@@ -42,6 +46,27 @@ TRIALS = [("kl", 1.0, "none", 10.0), ("kl", 2.0, "mask", 12.0), ("soft_ce", 1.0,
 
 def _start(cfg, consumed, parent=None, tags=None):
     return tracking.start_run(cfg, "0" * 16, consumed, parent, tags)
+
+
+N_UTT = 100
+
+
+def _predictions(scores: dict, rng) -> dict[str, str]:
+    """``predictions/<locale>.jsonl`` text per locale (rows without ``seed``: the run's seed param) with exactly
+    round(100 intent accuracy) right intents and round(100 exact match) utterances right in intent and slots, on
+    a random set of utterance ids; every other utterance's slots are wrong."""
+    out = {}
+    for loc, (intent_acc, _, em) in scores.items():
+        order = rng.permutation(N_UTT)
+        n_intent, n_em = round(intent_acc * N_UTT), round(em * N_UTT)
+        rows = []
+        for rank, i in enumerate(order):
+            gold = ["B-date", "O"]
+            rows.append(json.dumps({"id": str(i), "utt": f"u{i}", "intent": "alarm_set",
+                                    "pred_intent": "alarm_set" if rank < n_intent else "alarm_query",
+                                    "slots": gold, "pred_slots": gold if rank < n_em else ["O", "O"]}))
+        out[loc] = "\n".join(rows) + "\n"
+    return out
 
 
 def _massive_metrics(scores: dict) -> dict[str, float]:
@@ -93,12 +118,16 @@ def store(tmp_path_factory):
             for step, xnli in ((2, 0.35), (4, 0.38), (6, 0.41)):
                 mlflow.log_metrics({"eval/xnli/avg_accuracy": xnli, "eval/perplexity/written": 40.0 - step,
                                     "eval/mask_fill/noun_accuracy": 0.1 * step}, step=step)
+        rng = np.random.default_rng(0)
         for (name, frozen), scores in SCORES.items():
             cfg = compose_stage("finetune", [*FT, f"finetune.freeze_encoder={str(frozen).lower()}"])
             with _start(cfg, {"encoder": ids[name]},
                         tags={TAG_SETTING: "full", TAG_FROZEN: str(frozen).lower()}) as run:
                 ids[f"ft-{name}-{frozen}"] = run.info.run_id
                 mlflow.log_metrics(_massive_metrics(scores), step=300)
+                if not frozen:  # the frozen-encoder runs predate per-example predictions: no interval
+                    for loc, text in _predictions(scores, rng).items():
+                        mlflow.log_text(text, f"predictions/{loc}.jsonl")
         # A newer finetune run over S with another recipe: never the baseline of F's finetune run.
         with _start(compose_stage("finetune", [*FT, "trainer.max_steps=7"]), {"encoder": ids["S"]},
                     tags={TAG_SETTING: "full", TAG_FROZEN: "false"}):
@@ -191,7 +220,18 @@ def test_scaling_table_cli(store, tmp_path):
     assert (tmp_path / "scaling.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     run = _analysis_run(store, "scaling_table")
     assert {a.path for a in store["client"].list_artifacts(run.info.run_id)} == {
-        "scaling.md", "scaling.csv", "scaling.png"}
+        "scaling.md", "scaling.csv", "scaling_difference.csv", "scaling.png"}
+    # largest minus smallest Stage-1 teacher: T1 (810k) - S (100k); S has no evaluate run, so only MASSIVE rows
+    diff = pd.read_csv(tmp_path / "scaling_difference.csv").set_index("quantity")
+    assert list(diff.index) == ["massive_intent_accuracy", "massive_slot_f1", "massive_exact_match"]
+    assert set(diff["large_run_id"]) == {ids["T1"]} and set(diff["small_run_id"]) == {ids["S"]}
+    for score, i in (("intent_accuracy", 0), ("exact_match", 2)):
+        row = diff.loc[f"massive_{score}"]
+        expected = np.mean([SCORES[("T1", False)][loc][i] - SCORES[("S", False)][loc][i] for loc in LOCALES])
+        assert row["difference"] == pytest.approx(expected) == row["large"] - row["small"]
+        assert row["ci_low"] < row["difference"] < row["ci_high"] and row["n"] == N_UTT
+    assert run.data.metrics["scaling/pretrain_stage1/largest_minus_smallest/massive_intent_accuracy_lo"] == \
+        pytest.approx(diff.loc["massive_intent_accuracy", "ci_low"])
     consumed = set(run.data.tags["atm.consumed_run_ids"].split(","))
     assert {ids["T1"], ids["E1"], ids["ft-T1-False"]} <= consumed
     assert ids["sweep"] not in consumed  # sweep trials are not encoders of the table by default
@@ -227,9 +267,26 @@ def test_stage2_effect_cli(store, tmp_path):
     # en-US intent error 0.20 -> 0.16: a 20% relative error reduction
     assert full.loc["en-US", "intent_rel_error_change"] == pytest.approx(-0.20)
     assert " -20.00% |" in proc.stdout
+    # paired-bootstrap intervals from the predictions (whose intent accuracies are the logged ones): they hold
+    # the logged change; the avg row pools the locales and is narrower than either locale's
+    s1, s2 = SCORES[("T1", False)], SCORES[("T2", False)]
+    for loc in [*LOCALES, "avg"]:
+        row = full.loc[loc]
+        assert row["intent_rel_error_change_lo"] < row["intent_rel_error_change"] < row["intent_rel_error_change_hi"]
+        assert row["n_examples"] == N_UTT and row["seeds_stage1"] == row["seeds_stage2"] == 1
+    assert full.loc["de-DE", "intent_diff"] == pytest.approx(s2["de-DE"][0] - s1["de-DE"][0])
+    width = lambda loc: full.loc[loc, "intent_diff_hi"] - full.loc[loc, "intent_diff_lo"]  # noqa: E731
+    assert width("avg") < min(width("en-US"), width("de-DE"))
+    assert f"[{full.loc['avg', 'intent_rel_error_change_lo']:+.2%}, " in proc.stdout
+    frozen = frame[frame["encoder"] == "frozen"]
+    assert frozen["intent_rel_error_change_lo"].isna().all()
+    assert (frozen["interval_note"].str.contains("logged no predictions/<locale>.jsonl")).all()
+    assert "warning: no interval: finetune run" in proc.stderr
     run = _analysis_run(store, "stage2_effect")
     assert run.data.metrics["stage2/full/frozen/de-DE/intent_rel_error_change"] == pytest.approx(
         _rel(0.40, 0.45))  # the frozen Stage-2 encoder is worse on de-DE intents: +9.09%
+    assert run.data.metrics["stage2/full/fine-tuned/avg/intent_rel_error_change_hi"] == pytest.approx(
+        full.loc["avg", "intent_rel_error_change_hi"])
     ids = store["ids"]
     assert set(run.data.tags["atm.consumed_run_ids"].split(",")) == {
         ids["T1"], ids["T2"], ids["ft-T1-False"], ids["ft-T2-False"], ids["ft-T1-True"], ids["ft-T2-True"]}
@@ -257,6 +314,12 @@ def test_distillation_table(store, tmp_path, capsys):
     assert math.isnan(rows.loc[(ids["I"], "scratch", "avg"), "em_rel_error_change"])
     assert "no from-scratch run of this architecture" in err
     assert sum(line.startswith("| distill_") for line in out.splitlines()) == 4  # 2 students x 2 baselines
+    # exact-match intervals from the predictions (their exact matches are the logged ones)
+    f_scratch = rows.loc[(ids["F"], "scratch", "avg")]
+    assert f_scratch["em_diff"] == pytest.approx(np.mean([0.45 - 0.40, 0.35 - 0.30]))
+    assert f_scratch["em_rel_error_change_lo"] < f_scratch["em_rel_error_change"] < f_scratch["em_rel_error_change_hi"]
+    assert f_scratch["n_examples"] == N_UTT
+    assert math.isnan(rows.loc[(ids["I"], "scratch", "avg"), "em_rel_error_change_lo"])  # no baseline, no interval
     run = _analysis_run(store, "distillation_table")
     assert run.data.metrics["distill/distill_final/full/fine-tuned/vs_scratch/em_rel_error_change"] == \
         pytest.approx(_rel((0.45 + 0.35) / 2, (0.40 + 0.30) / 2))
@@ -294,6 +357,16 @@ def test_ablation_report_cli(store, tmp_path):
         assert (row["ci_low"], row["ci_high"]) == (pytest.approx(lo), pytest.approx(hi))
     # eta^2 of the loss: SS_between = 3 (11 - 13.5)^2 + 3 (16 - 13.5)^2 = 37.5 over SS_total = 47.5
     assert importances.loc["distill.logit.loss", "eta2"] == pytest.approx(37.5 / 47.5)
+    # best minus worst level (minimised objective: kl, mean 11, is best; soft_ce, 16, worst) with Welch's
+    # interval: variances 1 and 4 over 3 trials each, Welch-Satterthwaite degrees of freedom
+    loss = importances.loc["distill.logit.loss"]
+    assert (loss["best_level"], loss["worst_level"], loss["best_minus_worst"]) == ("kl", "soft_ce", pytest.approx(-5.0))
+    se2 = 1 / 3 + 4 / 3
+    dof = se2 ** 2 / ((1 / 3) ** 2 / 2 + (4 / 3) ** 2 / 2)
+    from scipy import stats
+
+    half = stats.t.ppf(0.975, dof) * math.sqrt(se2)
+    assert (loss["bw_ci_low"], loss["bw_ci_high"]) == (pytest.approx(-5 - half), pytest.approx(-5 + half))
     assert next(iter(importances.index)) == "distill.logit.loss"  # the most important dimension first
     assert importances["optuna"].isna().all()  # no Optuna storage for this sweep
     assert "no Optuna storage" in proc.stderr

@@ -27,6 +27,9 @@ PREDICTORS = {
     "mask_fill_noun_accuracy": "eval/mask_fill/noun_accuracy",
 }
 TARGET = "eval/xnli/avg_accuracy"
+#: The columns correlations.csv has always had, in order (new ones may only follow them).
+CSV_HEAD = ["scope", "language", "predictor", "metric", "target", "n", "pearson_r", "pearson_lo", "pearson_hi",
+            "pearson_p", "spearman_rho", "spearman_lo", "spearman_hi", "spearman_p", "note"]
 
 
 def _load_script():
@@ -343,3 +346,64 @@ def test_intervals_cover_the_true_correlation():
     # n = 3: a correlation but no information about its interval
     three = module.correlate([1.0, 2.0, 3.0], [1.0, 3.0, 2.0])
     assert (three["pearson_lo"], three["pearson_hi"], three["spearman_lo"], three["spearman_hi"]) == (-1, 1, -1, 1)
+
+
+def test_degenerate_probes_are_left_out_and_constant_predictors_say_so(store, capsys, tmp_path):
+    """Checkpoints whose XNLI probe misses a class are never correlated (counted in n_degenerate), per language
+    by that language's flag; top-10 and MRR mask filling are predictors; a predictor at its floor is reported as
+    constant, not as a silent nan; a table of nothing but undefined rows still exits 0."""
+    client = store["client"]
+    exp = client.create_experiment("degenerate", artifact_location=(store["root"] / "degenerate").as_uri())
+    train = client.create_run(exp, run_name="teacher", tags={"atm.stage": "pretrain_stage1"})
+    client.set_terminated(train.info.run_id)
+    rows = []
+    for i, step in enumerate(range(100, 900, 100)):
+        flagged = i in (0, 1)  # the first two checkpoints: the probe never predicts "neutral" in de
+        xnli = 0.34 + 0.01 * i + (0.004 if i % 2 else 0.0)
+        rows.append((step, {
+            TARGET: 0.60 if flagged else xnli,  # against the trend: would flip the correlation if kept
+            "eval/xnli/en/accuracy": xnli, "eval/xnli/de/accuracy": 0.60 if flagged else xnli,
+            "eval/xnli/en/degenerate": 0.0, "eval/xnli/de/degenerate": float(flagged),
+            "eval/xnli/degenerate_languages": float(flagged),
+            "eval/mask_fill/noun_accuracy": 0.0, "eval/mask_fill/noun_top10": 0.01 * i,
+            "eval/mask_fill/noun_mrr": 0.002 * i + (0.001 if i == 5 else 0.0),
+            "eval/mask_fill/de/noun_mrr": 0.002 * i, "eval/mask_fill/en/noun_mrr": 0.003 * i,
+            "eval/perplexity/written": 100.0 - 5 * i}))
+    _make_eval_run(client, exp, train.info.run_id, "pretrain_stage1", rows, "evaluate-degenerate")
+    rc, out, err = _main(capsys, "--tracking-uri", store["uri"], "--experiment", "degenerate",
+                         "--out", str(tmp_path / "o"), "--no-log")
+    assert rc == 0, err
+    assert "2 of 8 checkpoint(s) have a degenerate XNLI probe" in err
+    corr = pd.read_csv(tmp_path / "o" / "correlations.csv", keep_default_na=False, na_values=["", "nan"])
+    assert list(corr.columns[:len(CSV_HEAD)]) == CSV_HEAD  # the columns it always wrote come first, unchanged
+    overall = corr[corr["language"] == "all"].set_index("predictor")
+    kept = [r for i, (_, r) in enumerate(rows) if i >= 2]
+    y = [r[TARGET] for r in kept]
+    for predictor, key in (("mask_fill_noun_mrr", "eval/mask_fill/noun_mrr"),
+                           ("mask_fill_noun_top10", "eval/mask_fill/noun_top10"),
+                           ("perplexity_written", "eval/perplexity/written")):
+        row = overall.loc[predictor]
+        assert (row["n"], row["n_degenerate"]) == (6, 2)
+        assert row["pearson_r"] == pytest.approx(stats.pearsonr([r[key] for r in kept], y).statistic)
+        assert row["pearson_lo"] < row["pearson_r"] < row["pearson_hi"]
+    noun = overall.loc["mask_fill_noun_accuracy"]
+    assert math.isnan(noun["pearson_r"]) and noun["note"].startswith("constant predictor (0) over the 6 checkpoints")
+    assert "constant predictor (0)" in out  # in the printed table, not only the CSV
+    # per language: de loses its 2 flagged checkpoints, en keeps all 8
+    per_lang = corr[corr["predictor"] == "mask_fill_noun_mrr"].set_index("language")
+    assert (per_lang.loc["de", "n"], per_lang.loc["de", "n_degenerate"]) == (6, 2)
+    assert (per_lang.loc["en", "n"], per_lang.loc["en", "n_degenerate"]) == (8, 0)
+    frame = pd.read_csv(tmp_path / "o" / "checkpoints.csv")
+    assert "step" in frame.columns and len(frame) == 8  # every checkpoint, flagged ones included
+
+    # every checkpoint degenerate: nothing is correlated, every row says why, and the script still succeeds
+    exp2 = client.create_experiment("all-degenerate", artifact_location=(store["root"] / "alldeg").as_uri())
+    flagged_rows = [(step, {**values, "eval/xnli/degenerate_languages": 1.0}) for step, values in rows[:4]]
+    _make_eval_run(client, exp2, train.info.run_id, "pretrain_stage1", flagged_rows, "evaluate-collapsed")
+    rc, out, err = _main(capsys, "--tracking-uri", store["uri"], "--experiment", "all-degenerate",
+                         "--out", str(tmp_path / "d"), "--no-log")
+    assert rc == 0, err
+    corr = pd.read_csv(tmp_path / "d" / "correlations.csv", keep_default_na=False, na_values=["", "nan"])
+    pooled = corr[corr["language"] == "all"]
+    assert pooled["pearson_r"].isna().all() and (pooled["n_degenerate"] == 4).all()
+    assert pooled["note"].str.contains("have a degenerate XNLI probe").all()
