@@ -335,7 +335,15 @@ def list_checkpoints(run_id: str) -> list[tuple[int, str]]:
         if item.is_dir and name.startswith("step-"):
             found.append((int(name[5:]), item.path))
     found.sort()
-    final_step = client.get_run(run_id).data.metrics.get("train/step")
-    if final_step is not None and all(step != int(final_step) for step, _ in found):
-        found.append((int(final_step), CHECKPOINT))
+    final = final_step(run_id)
+    if final is not None and all(step != final for step, _ in found):
+        found.append((final, CHECKPOINT))
     return found
+
+
+def final_step(run_id: str) -> int | None:
+    """The training step of a run's final checkpoint: its ``train/step`` metric (None when it logged none)."""
+    from mlflow.tracking import MlflowClient
+
+    value = MlflowClient().get_run(run_id).data.metrics.get("train/step")
+    return None if value is None else int(value)

@@ -192,3 +192,24 @@ def test_evaluate_cli_per_language_metrics_and_tables(tmp_path, data_env, real_d
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "evaluation")}
     assert {f"evaluation/{n}.{x}" for n in ("xnli", "perplexity", "mask_fill", "mask_fill_top10", "mask_fill_mrr")
             for x in ("csv", "md")} <= artifacts
+
+
+def test_the_final_checkpoint_is_logged_at_its_training_step(tmp_path):
+    """``eval.checkpoints=final`` on a run logs at the run's ``train/step`` (list_checkpoints' final step), so
+    a Stage-2 teacher's checkpoint does not pose as step 0 beside Stage-1 checkpoints."""
+    import mlflow
+
+    from atm import tracking
+
+    before = mlflow.get_tracking_uri()
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/mlflow.db")
+    try:
+        with mlflow.start_run() as trained:
+            mlflow.log_metric("train/step", 600.0, step=600)
+        with mlflow.start_run() as bare:
+            pass
+        assert tracking.final_step(trained.info.run_id) == 600
+        assert tracking.final_step(bare.info.run_id) is None
+        assert tracking.list_checkpoints(trained.info.run_id) == [(600, tracking.CHECKPOINT)]
+    finally:
+        mlflow.set_tracking_uri(before)

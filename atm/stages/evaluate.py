@@ -320,8 +320,8 @@ def run(cfg: DictConfig, inputs: dict) -> dict[str, float]:
     if target.run_id and cfg.eval.checkpoints == "all":
         checkpoints = [(step, tracking.download(target.run_id, artifact, cfg.tracking.cache_dir))
                        for step, artifact in tracking.list_checkpoints(target.run_id)]
-    else:
-        checkpoints = [(0, target.path)]
+    else:  # the final checkpoint, logged at its training step (0 for a checkpoint outside a run)
+        checkpoints = [((tracking.final_step(target.run_id) or 0) if target.run_id else 0, target.path)]
     rows = []
     for step, path in tqdm(checkpoints, desc="evaluate checkpoints"):
         start = time.perf_counter()
