@@ -203,13 +203,13 @@ def test_the_final_checkpoint_is_logged_at_its_training_step(tmp_path):
 
     before = mlflow.get_tracking_uri()
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/mlflow.db")
-    try:
-        with mlflow.start_run() as trained:
-            mlflow.log_metric("train/step", 600.0, step=600)
-        with mlflow.start_run() as bare:
-            pass
-        assert tracking.final_step(trained.info.run_id) == 600
-        assert tracking.final_step(bare.info.run_id) is None
-        assert tracking.list_checkpoints(trained.info.run_id) == [(600, tracking.CHECKPOINT)]
+    try:  # a fresh store of its own: no experiment or run left active by another test
+        client = mlflow.tracking.MlflowClient()
+        experiment = client.create_experiment("final-step")
+        trained, bare = (client.create_run(experiment).info.run_id for _ in range(2))
+        client.log_metric(trained, "train/step", 600.0, step=600)
+        assert tracking.final_step(trained) == 600
+        assert tracking.final_step(bare) is None
+        assert tracking.list_checkpoints(trained) == [(600, tracking.CHECKPOINT)]
     finally:
         mlflow.set_tracking_uri(before)
