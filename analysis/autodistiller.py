@@ -162,7 +162,7 @@ def dataset_tasks() -> tuple[str, ...]:
 
 def default_train_languages(task: str, language: str) -> list[str]:
     """What ``distill_task`` trains on for a dataset: the locale itself (MASSIVE), English (XNLI)."""
-    from atm.stages.finetune_xnli import TRAIN_LANGUAGE
+    from atm.probes.xnli import TRAIN_LANGUAGE
 
     return [language] if task.startswith("massive") else [TRAIN_LANGUAGE]
 

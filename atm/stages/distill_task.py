@@ -29,7 +29,7 @@ losses of the MLM stages are not used here.
 
 Evaluation, student and teacher on the same examples:
 
-* MASSIVE: :func:`atm.stages.finetune.evaluate_massive` on ``finetune.eval_locales`` (by default the training
+* MASSIVE: :func:`atm.tasks.massive.evaluate_massive` on ``finetune.eval_locales`` (by default the training
   locales): ``eval/massive/<locale>/...``, ``eval/massive/avg/...`` and the teacher's
   ``eval/massive_teacher/...``;
 * XNLI: :func:`atm.stages.finetune_xnli.evaluate_xnli` on ``stage.xnli_languages`` (zero-shot but for
@@ -71,14 +71,9 @@ from atm.models.heads import (
     load_pair_classifier,
 )
 from atm.models.tokenizer import load_tokenizer
+from atm.probes.xnli import TRAIN_LANGUAGE, evaluate_xnli, pair_stream, train_pairs
 from atm.stages.common import log_model
-from atm.stages.finetune import collator, encode, evaluate_massive, train_examples
-from atm.stages.finetune_xnli import (
-    TRAIN_LANGUAGE,
-    evaluate_xnli,
-    pair_stream,
-    train_pairs,
-)
+from atm.tasks.massive import collator, encode, evaluate_massive, train_examples
 
 #: ``stage.task`` -> the stage that trains its teacher.
 TEACHER_STAGES = {"massive": "finetune", "xnli": "finetune_xnli"}

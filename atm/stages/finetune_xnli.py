@@ -22,16 +22,7 @@ from omegaconf import DictConfig
 from atm.errors import AtmError
 from atm.models.tokenizer import load_tokenizer
 
-# The probe routine; re-exported for the modules that import it from here (atm.stages.distill_task).
-from atm.probes.xnli import (  # noqa: F401
-    TRAIN_LANGUAGE,
-    check_xnli,
-    evaluate_xnli,
-    pair_examples,
-    pair_stream,
-    train_classifier,
-    train_pairs,
-)
+from atm.probes.xnli import check_xnli, evaluate_xnli, pair_examples, train_classifier, train_pairs
 from atm.stages.common import log_model
 
 
