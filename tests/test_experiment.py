@@ -123,6 +123,19 @@ def test_lineage_trains_the_sizes_and_checkpoints_each_job_names():
     assert teacher.model.name == "teacher_tiny" and intermediate.teacher_next == "pretrain_stage2"
 
 
+def test_the_final_student_trains_the_step_budget_of_its_same_size_baseline():
+    """Finding F3 (student vs same-size model without distillation) compares equal budgets: the final student
+    takes as many optimiser steps of the same batch as teacher S takes in Stage 1 and Stage 2 together."""
+    student = _input_config(_job("ft_final"), "distill_final")
+    stage2 = _input_config(_job("ft_stage2_s"), "pretrain_stage2")
+    stage1 = _input_config(stage2, "pretrain_stage1")
+    shape = ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size")
+    assert [student.model[k] for k in shape] == [stage1.model[k] for k in shape]
+    assert student.trainer.max_steps == stage1.trainer.max_steps + stage2.trainer.max_steps
+    assert student.trainer.batch_size == stage1.trainer.batch_size == stage2.trainer.batch_size
+    assert student.data.max_seq_len == stage1.data.max_seq_len
+
+
 def test_the_final_students_baseline_is_the_teacher_finetune_job():
     final, teacher = _job("ft_final"), _job("ft_stage2_l")
     assert final.baseline == "finetune"
