@@ -47,15 +47,13 @@ import math
 import sys
 import warnings
 from collections.abc import Sequence
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-_REPO_ROOT = Path(__file__).resolve().parent.parent
-if str(_REPO_ROOT) not in {str(Path(p).resolve()) for p in sys.path if p}:
-    sys.path.insert(0, str(_REPO_ROOT))  # `python analysis/ablation_report.py` without installing
-
-from analysis import _mlflow_frames as mf
+from analysis._output import format_markdown_table, publish, pyplot
+from analysis._store import TAG_PARENT_RUN, RunIndex, analysis_parser, cli, run_label
 from atm.errors import AtmError
+from atm.sweeps import TAG_TRIAL_STATE
+from atm.tracking import TAG_SWEEP, TAG_SWEEP_PARENT, TAG_TRIAL
 
 if TYPE_CHECKING:  # pragma: no cover
     import pandas as pd
@@ -76,7 +74,7 @@ SWEEP_HINT = "run `python -m atm.train +sweep=<name> -m` first"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = mf.analysis_parser(
+    parser = analysis_parser(
         ANALYSIS_NAME,
         "Marginal means (with 95% t-intervals) of the sweep objective per level of every swept design "
         "dimension, and the dimensions' importances (eta^2; Optuna's when the study is reachable).",
@@ -95,44 +93,44 @@ def build_parser() -> argparse.ArgumentParser:
 # runs -> trial frame
 
 
-def select_sweeps(index: mf.RunIndex, args: argparse.Namespace) -> list[Run]:
+def select_sweeps(index: RunIndex, args: argparse.Namespace) -> list[Run]:
     """The sweep parent runs asked for. Raises AtmError for an unknown study name / no sweep."""
     if args.run_ids:
         parents = index.select(args.run_ids, ["sweep"])
-        missing = [mf.run_label(r) for r in parents if mf.TAG_SWEEP_PARENT not in r.data.tags]
+        missing = [run_label(r) for r in parents if TAG_SWEEP_PARENT not in r.data.tags]
         if missing:
-            raise AtmError(f"run {missing[0]} is not a sweep parent run (no {mf.TAG_SWEEP_PARENT} tag)")
+            raise AtmError(f"run {missing[0]} is not a sweep parent run (no {TAG_SWEEP_PARENT} tag)")
     else:
-        parents = [r for r in index.runs if mf.TAG_SWEEP_PARENT in r.data.tags]
+        parents = [r for r in index.runs if TAG_SWEEP_PARENT in r.data.tags]
     if args.sweeps:
-        known = {r.data.tags[mf.TAG_SWEEP_PARENT] for r in parents}
+        known = {r.data.tags[TAG_SWEEP_PARENT] for r in parents}
         unknown = [s for s in args.sweeps if s not in known]
         if unknown:
             raise AtmError(f"no sweep {unknown[0]!r} {index.where} (sweeps there: "
                            f"{', '.join(sorted(known)) or 'none'}); {SWEEP_HINT}")
-        parents = [r for r in parents if r.data.tags[mf.TAG_SWEEP_PARENT] in args.sweeps]
+        parents = [r for r in parents if r.data.tags[TAG_SWEEP_PARENT] in args.sweeps]
     if not parents:
         raise AtmError(f"no sweeps {index.where}; {SWEEP_HINT}")
     return parents
 
 
-def trial_frame(index: mf.RunIndex, parent: Run) -> tuple[pd.DataFrame, dict[str, int]]:
+def trial_frame(index: RunIndex, parent: Run) -> tuple[pd.DataFrame, dict[str, int]]:
     """One row per trial of ``parent``: ``run_id``, ``trial``, ``state``, ``objective`` and every param
     (column ``param:<key>``); and the counts per state (``counted``, ``pruned``, ``failed``,
     ``no_objective``)."""
     import pandas as pd
 
-    study = parent.data.tags[mf.TAG_SWEEP_PARENT]
-    trials = [r for r in index.runs if r.data.tags.get(mf.TAG_SWEEP) == study
-              and r.data.tags.get(mf.TAG_PARENT_RUN, parent.info.run_id) == parent.info.run_id
-              and mf.TAG_SWEEP_PARENT not in r.data.tags]
+    study = parent.data.tags[TAG_SWEEP_PARENT]
+    trials = [r for r in index.runs if r.data.tags.get(TAG_SWEEP) == study
+              and r.data.tags.get(TAG_PARENT_RUN, parent.info.run_id) == parent.info.run_id
+              and TAG_SWEEP_PARENT not in r.data.tags]
     counts = {"counted": 0, "pruned": 0, "failed": 0, "no_objective": 0}
     rows = []
     for run in trials:
         tags = run.data.tags
         objective_key = run.data.params.get("stage.objective", "")
         value = run.data.metrics.get(objective_key, math.nan)
-        if tags.get(mf.TAG_TRIAL_STATE, "").upper() == "PRUNED":
+        if tags.get(TAG_TRIAL_STATE, "").upper() == "PRUNED":
             state = "pruned"
         elif run.info.status != "FINISHED":
             state = "failed"
@@ -141,7 +139,7 @@ def trial_frame(index: mf.RunIndex, parent: Run) -> tuple[pd.DataFrame, dict[str
         else:
             state = "counted"
         counts[state] += 1
-        trial = tags.get(mf.TAG_TRIAL, tags.get(mf.TAG_OPTUNA_TRIAL, ""))
+        trial = tags.get(TAG_TRIAL, "")
         rows.append({"run_id": run.info.run_id, "trial": int(trial) if str(trial).isdigit() else -1,
                      "state": state, "objective_key": objective_key, "objective": value,
                      **{f"param:{k}": v for k, v in run.data.params.items()}})
@@ -249,7 +247,7 @@ def optuna_importances(parent: Run, storage: str | None, dims: Sequence[str]) ->
     when they are not available.  A study param ``x`` is the dimension ``x`` or, for a config group
     choice such as ``augment``, ``x.name``."""
     url = storage or parent.data.tags.get("optuna.storage") or ""
-    study_name = parent.data.tags[mf.TAG_SWEEP_PARENT]
+    study_name = parent.data.tags[TAG_SWEEP_PARENT]
     if not url:
         return {}, "no Optuna storage (pass --storage)"
     import optuna
@@ -275,7 +273,7 @@ def analyse_sweep(parent: Run, trials: pd.DataFrame, bins: int, storage: str | N
     levels, and a note."""
     import pandas as pd
 
-    sweep = parent.data.tags[mf.TAG_SWEEP_PARENT]
+    sweep = parent.data.tags[TAG_SWEEP_PARENT]
     maximize = parent.data.tags.get("optuna.direction", "").lower() != "minimize"
     counted = trials[trials["state"] == "counted"].reset_index(drop=True)
     dims = dimensions(counted)
@@ -323,7 +321,7 @@ def plot(means: pd.DataFrame, directions: dict[str, str]) -> Any:
     """One row of panels per sweep, one panel per dimension: marginal means with 95% intervals."""
     import numpy as np
 
-    plt = mf.pyplot()
+    plt = pyplot()
     sweeps = list(dict.fromkeys(means["sweep"]))
     ncols = max([means[means["sweep"] == s]["dimension"].nunique() for s in sweeps] + [1])
     fig, axes = plt.subplots(max(len(sweeps), 1), ncols, figsize=(3.8 * ncols, 3.4 * max(len(sweeps), 1)),
@@ -360,11 +358,11 @@ def _run(args: argparse.Namespace) -> int:
 
     if args.bins < 2:
         raise AtmError(f"--bins {args.bins}: need at least 2 bins")
-    index = mf.RunIndex.open(args)
+    index = RunIndex.open(args)
     parents = select_sweeps(index, args)
     all_means, all_imp, all_trials, sections, used, directions = [], [], [], [], [], {}
     for parent in parents:
-        sweep = parent.data.tags[mf.TAG_SWEEP_PARENT]
+        sweep = parent.data.tags[TAG_SWEEP_PARENT]
         trials, counts = trial_frame(index, parent)
         summary = ", ".join(f"{v} {k.replace('_', ' ')}" for k, v in counts.items() if v)
         if counts["counted"] < MIN_TRIALS:
@@ -382,16 +380,16 @@ def _run(args: argparse.Namespace) -> int:
             f"{summary}\n\nImportance of each dimension (eta2 = SS_between/SS_total of a one-way ANOVA; optuna = "
             f"optuna.importance.get_param_importances, PED-ANOVA; best_minus_worst = difference of the best and "
             f"the worst level's mean objective, Welch 95% t-interval bw_ci_low..bw_ci_high):\n\n"
-            f"{mf.format_markdown_table(imp.drop(columns='sweep'), FORMATS) if len(imp) else '(no dimension varies)'}"
+            f"{format_markdown_table(imp.drop(columns='sweep'), FORMATS) if len(imp) else '(no dimension varies)'}"
             f"\n\nMarginal means of the objective per level, 95% t-intervals:\n\n"
-            f"{mf.format_markdown_table(means.drop(columns='sweep'), FORMATS) if len(means) else '(none)'}\n")
+            f"{format_markdown_table(means.drop(columns='sweep'), FORMATS) if len(means) else '(none)'}\n")
         all_means.append(means)
         all_imp.append(imp)
         all_trials.append(levels_)
     if not sections:
         raise AtmError(f"no sweep with at least {MIN_TRIALS} finished, unpruned trials that logged their "
                        f"objective {index.where} (sweeps: "
-                       + ", ".join(p.data.tags[mf.TAG_SWEEP_PARENT] for p in parents) + f"); {SWEEP_HINT}")
+                       + ", ".join(p.data.tags[TAG_SWEEP_PARENT] for p in parents) + f"); {SWEEP_HINT}")
     means = pd.concat(all_means, ignore_index=True)
     importances = pd.concat(all_imp, ignore_index=True)
     markdown = f"# Ablation report {index.where}\n\n" + "\n".join(sections)
@@ -401,7 +399,7 @@ def _run(args: argparse.Namespace) -> int:
         metrics[f"importance/optuna/{row['sweep']}/{row['dimension']}"] = row["optuna"]
         for column in ("best_minus_worst", "bw_ci_low", "bw_ci_high"):
             metrics[f"ablation/{column}/{row['sweep']}/{row['dimension']}"] = row[column]
-    mf.publish(args, index, ANALYSIS_NAME, markdown,
+    publish(args, index, ANALYSIS_NAME, markdown,
                {"ablation.md": markdown, "marginal_means.csv": means, "importances.csv": importances,
                 "trials.csv": pd.concat(all_trials, ignore_index=True), "marginal_means.png": plot(means, directions)},
                consumed_run_ids=used, metrics=metrics,
@@ -411,7 +409,7 @@ def _run(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """CLI entry point; returns the exit status (0 ok, 2 user error)."""
-    return mf.cli(build_parser, _run, argv)
+    return cli(build_parser, _run, argv)
 
 
 if __name__ == "__main__":

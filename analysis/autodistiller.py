@@ -65,14 +65,11 @@ import math
 import sys
 import warnings
 from collections.abc import Callable, Sequence
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-_REPO_ROOT = Path(__file__).resolve().parent.parent
-if str(_REPO_ROOT) not in {str(Path(p).resolve()) for p in sys.path if p}:
-    sys.path.insert(0, str(_REPO_ROOT))  # `python analysis/autodistiller.py` without installing
-
-from analysis import _mlflow_frames as mf
+from analysis._output import format_markdown_table, publish, pyplot
+from analysis._runs import param_value
+from analysis._store import RunIndex, analysis_parser, cli, run_label
 from atm.errors import AtmError
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -195,7 +192,7 @@ def dataset_features(dataset: str, train_languages: Sequence[str]) -> dict[str, 
 
 def _param_value(params: dict[str, str], key: str, kind: str) -> Any:
     """A recipe param as ``"none"``/text (``cat``) or float/NaN (``num``); absent or null params read as those."""
-    value = mf.param_value(params.get(key))
+    value = param_value(params.get(key))
     if kind == "cat":
         return "none" if value is None else str(value)
     return float(value) if isinstance(value, (int, float)) else math.nan
@@ -218,7 +215,7 @@ def history_frame(runs: Sequence[Any]) -> tuple[pd.DataFrame, list[str]]:
         tags, params, metrics = run.data.tags, run.data.params, run.data.metrics
         ids = [d for d in tags.get(TAG_DATASETS, "").split(",") if d]
         if not ids:
-            notes.append(f"run {mf.run_label(run)} has no {TAG_DATASETS} tag; skipped")
+            notes.append(f"run {run_label(run)} has no {TAG_DATASETS} tag; skipped")
             continue
         recipe = {f"recipe.{key}": _param_value(params, key, kind) for key, kind in RECIPE_PARAMS}
         recipe["recipe.train_examples"] = float(metrics.get(TRAIN_EXAMPLES, math.nan))
@@ -227,7 +224,7 @@ def history_frame(runs: Sequence[Any]) -> tuple[pd.DataFrame, list[str]]:
             template = DATASET_METRICS.get(task)
             value = metrics.get(template.format(lang=lang)) if template else None
             if value is None or not math.isfinite(value):
-                notes.append(f"run {mf.run_label(run)}: no finite ratio for {dataset}; row skipped")
+                notes.append(f"run {run_label(run)}: no finite ratio for {dataset}; row skipped")
                 continue
             rows.append({"run_id": run.info.run_id, "dataset": dataset,
                          "train_languages": tags.get(TAG_TRAIN_LANGUAGES, ""), "ratio": float(value), **recipe})
@@ -430,14 +427,14 @@ def render(per_dataset: pd.DataFrame, summary: dict[str, float], recs: pd.DataFr
                               "best_ratio")}
     rec_cols = ["rank", "recipe", "predicted_ratio", "history_mean_ratio", "history_datasets"]
     return (f"{header}\n\nLeave-one-dataset-out (ratio = student score / teacher score; regret in ratio units; "
-            f"base_* = mean-recipe baseline)\n\n{mf.format_markdown_table(shown, {**fmt, 'n_recipes': 'd'})}\n\n"
+            f"base_* = mean-recipe baseline)\n\n{format_markdown_table(shown, {**fmt, 'n_recipes': 'd'})}\n\n"
             f"Top-{k} recipes for {new_dataset}\n\n"
-            f"{mf.format_markdown_table(recs[rec_cols], {'predicted_ratio': '.3f', 'history_mean_ratio': '.3f'})}\n")
+            f"{format_markdown_table(recs[rec_cols], {'predicted_ratio': '.3f', 'history_mean_ratio': '.3f'})}\n")
 
 
 def plot(predictions: pd.DataFrame, summary: dict[str, float]) -> Any:
     """LODO predicted vs observed ratio, one colour per held-out dataset (a matplotlib figure)."""
-    plt = mf.pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6.4, 5.2))
     datasets = sorted(predictions["dataset"].unique())
     cmap = plt.get_cmap("tab20" if len(datasets) > 10 else "tab10")
@@ -462,7 +459,7 @@ def plot(predictions: pd.DataFrame, summary: dict[str, float]) -> Any:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = mf.analysis_parser(
+    parser = analysis_parser(
         ANALYSIS_NAME,
         "Learn the student/teacher ratio from dataset and recipe features over the distill_task trials in "
         "MLflow; print a leave-one-dataset-out evaluation and the top-k recipes for a new dataset.",
@@ -478,7 +475,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _trials(index: mf.RunIndex, run_ids: Sequence[str] | None) -> list:
+def _trials(index: RunIndex, run_ids: Sequence[str] | None) -> list:
     if run_ids:
         return index.select(run_ids, [STAGE])
     runs = index.of_stage(STAGE, finished_only=False)
@@ -498,7 +495,7 @@ def _run(args: argparse.Namespace) -> int:
         raise AtmError(f"--k {args.k} must be >= 1")
     language = args.language or ("es-ES" if args.task.startswith("massive") else "vi")
     new_dataset = f"{args.task}/{language}"
-    index = mf.RunIndex.open(args)
+    index = RunIndex.open(args)
     runs = _trials(index, args.run_ids)
     frame, notes = history_frame(runs)
     for note in notes:
@@ -524,7 +521,7 @@ def _run(args: argparse.Namespace) -> int:
     markdown = render(per_dataset, summary, recs, args.k, header, new_dataset)
     files = {"autodistiller.md": markdown, "lodo.csv": per_dataset, "predictions.csv": predictions,
              "recommendations.csv": recs, "history.csv": table, "pred_vs_observed.png": plot(predictions, summary)}
-    mf.publish(args, index, ANALYSIS_NAME, markdown, files, consumed_run_ids=[r.info.run_id for r in runs],
+    publish(args, index, ANALYSIS_NAME, markdown, files, consumed_run_ids=[r.info.run_id for r in runs],
                metrics={**{key.replace("@", "_at_"): value for key, value in summary.items()},  # MLflow: no "@"
                         "n_datasets": n_datasets, "n_recipes": table["recipe"].nunique()},
                params={"model": args.model, "k": args.k, "seed": args.seed, "new_dataset": new_dataset,
@@ -534,8 +531,7 @@ def _run(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """CLI entry point; returns the exit status (0 ok, 2 user error)."""
-    args = build_parser().parse_args(argv)
-    return mf.run_main(lambda: _run(args))
+    return cli(build_parser, _run, argv)
 
 
 if __name__ == "__main__":

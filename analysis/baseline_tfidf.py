@@ -27,11 +27,6 @@ import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
-
-_REPO_ROOT = Path(__file__).resolve().parent.parent
-if str(_REPO_ROOT) not in {str(Path(p).resolve()) for p in sys.path if p}:
-    sys.path.insert(0, str(_REPO_ROOT))  # `python analysis/baseline_tfidf.py` without installing
 
 from atm.errors import AtmError
 

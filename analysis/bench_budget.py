@@ -201,7 +201,7 @@ class Bench:
         return per_step, max(0.0, sum(durations[:2]) - 2 * per_step)
 
     def heldout_loss(self, model) -> float:
-        from atm.stages.evaluate import mlm_perplexity
+        from atm.probes.perplexity import mlm_perplexity
 
         model.eval()
         return math.log(mlm_perplexity(model, self.tokenizer, self.heldout, self.args.max_seq_len))

@@ -25,9 +25,6 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:  # runnable from a checkout without installing atm
-    sys.path.insert(0, str(REPO))
-
 # Smaller data and evaluation than the defaults, so that both sweeps fit in about 10 minutes on 2 CPU cores.
 SMALL = ["data.written.max_lines_per_source=300", "data.max_seq_len=48", "eval.perplexity.max_lines_per_lang=8",
          "data.heldout.max_lines_per_lang=8", "tokenizer.max_lines_per_source=300", "tokenizer.vocab_size=4000",

@@ -21,9 +21,10 @@ import tempfile
 import time
 from pathlib import Path
 
+from analysis._store import RunIndex, local_store_uri
+from atm.tracking import TAG_SWEEP, TAG_TRIAL
+
 REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:  # runnable from a checkout without installing atm
-    sys.path.insert(0, str(REPO))
 
 
 def _train(args: list[str], cwd: Path) -> float:
@@ -34,26 +35,22 @@ def _train(args: list[str], cwd: Path) -> float:
     return time.perf_counter() - start
 
 
+def _index(cwd: Path) -> RunIndex:
+    """The runs of atm's default experiment in the store ``python -m atm.train`` wrote in ``cwd``."""
+    return RunIndex.at(local_store_uri(cwd))
+
+
 def _trial_seconds(cwd: Path, study: str) -> list[tuple[int, float, float]]:
     """(trial number, wall seconds, cache MB) of the sweep's nested runs, from MLflow."""
-    from mlflow.tracking import MlflowClient
-
-    client = MlflowClient(f"sqlite:///{cwd / 'mlflow.db'}")
-    exp = client.get_experiment_by_name("atm")
-    runs = client.search_runs([exp.experiment_id], f"tags.`atm.sweep` = '{study}' and attributes.status = 'FINISHED'"
-                              " and tags.`atm.stage` = 'distill_final'", max_results=100)
-    rows = [(int(r.data.tags["optuna.trial_number"]), (r.info.end_time - r.info.start_time) / 1000,
+    runs = [r for r in _index(cwd).of_stage("distill_final") if r.data.tags.get(TAG_SWEEP) == study]
+    rows = [(int(r.data.tags[TAG_TRIAL]), (r.info.end_time - r.info.start_time) / 1000,
              r.data.metrics.get("cache/teacher0/size_mb", 0.0)) for r in runs]
     return sorted(rows)
 
 
 def _teacher_run(cwd: Path) -> str:
-    from mlflow.tracking import MlflowClient
-
-    client = MlflowClient(f"sqlite:///{cwd / 'mlflow.db'}")
-    exp = client.get_experiment_by_name("atm")
-    return client.search_runs([exp.experiment_id], "tags.`atm.stage` = 'pretrain_stage1'",
-                              order_by=["attributes.start_time DESC"], max_results=1)[0].info.run_id
+    """The newest Stage-1 run's id."""
+    return _index(cwd).of_stage("pretrain_stage1", finished_only=False)[-1].info.run_id
 
 
 def _flops_ratio() -> float:

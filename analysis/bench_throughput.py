@@ -41,9 +41,6 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:  # runnable from a checkout without installing atm
-    sys.path.insert(0, str(REPO))
-
 #: Dense (no sparsity) bf16 tensor-core peaks in TFLOP/s from NVIDIA's data sheets, matched against
 #: ``torch.cuda.get_device_name()`` in order (first substring that matches).
 PEAK_BF16_TFLOPS = (

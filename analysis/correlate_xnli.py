@@ -62,11 +62,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-_REPO_ROOT = Path(__file__).resolve().parent.parent
-if str(_REPO_ROOT) not in {str(Path(p).resolve()) for p in sys.path if p}:
-    sys.path.insert(0, str(_REPO_ROOT))  # `python analysis/correlate_xnli.py` without installing
-
-from analysis import _mlflow_frames as mf
+from analysis._output import format_markdown_table, publish, pyplot
+from analysis._runs import metric_history_frame
+from analysis._store import TAG_EVALUATED_STAGE, RunIndex, analysis_parser, cli, run_label
 from atm.errors import AtmError
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -126,7 +124,7 @@ TABLE_FORMATS = {
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = mf.analysis_parser(
+    parser = analysis_parser(
         ANALYSIS_NAME,
         "Correlate perplexity and mask-filling accuracy with XNLI accuracy (overall and per "
         "language, with 95% confidence intervals) across evaluated pretraining checkpoints "
@@ -330,11 +328,11 @@ def render_table(table: pd.DataFrame, header: str) -> str:
     shown["pearson_95ci"] = [_interval(lo, hi) for lo, hi in zip(shown["pearson_lo"], shown["pearson_hi"])]
     shown["spearman_95ci"] = [_interval(lo, hi) for lo, hi in zip(shown["spearman_lo"], shown["spearman_hi"])]
     overall = shown["language"] == OVERALL
-    parts = [f"{header}\n\n{mf.format_markdown_table(shown[overall][TABLE_COLUMNS], TABLE_FORMATS)}\n"]
+    parts = [f"{header}\n\n{format_markdown_table(shown[overall][TABLE_COLUMNS], TABLE_FORMATS)}\n"]
     if (~overall).any():
         parts.append(
             "\nPer language (each probe against the same language's eval/xnli/<lang>/accuracy):\n\n"
-            f"{mf.format_markdown_table(shown[~overall][TABLE_COLUMNS], TABLE_FORMATS)}\n"
+            f"{format_markdown_table(shown[~overall][TABLE_COLUMNS], TABLE_FORMATS)}\n"
         )
     return "".join(parts)
 
@@ -351,7 +349,7 @@ def _run_labels(frame: pd.DataFrame) -> dict[str, str]:
 
 def plot_scatter(frame: pd.DataFrame, table: pd.DataFrame) -> Any:
     """One panel per overall probe (x) vs XNLI average accuracy (y), coloured by evaluate run."""
-    plt = mf.pyplot()
+    plt = pyplot()
     pooled = table[(table["scope"] == "pooled") & (table["language"] == OVERALL)].reset_index(drop=True)
     n_panels = len(pooled)
     fig, axes = plt.subplots(1, n_panels, figsize=(4.6 * n_panels, 4.2), squeeze=False)
@@ -401,7 +399,7 @@ def plot_per_language(table: pd.DataFrame) -> Any:
     """Heat map of pooled Pearson r, one row per language (or locale), one column per probe."""
     import numpy as np
 
-    plt = mf.pyplot()
+    plt = pyplot()
     sub = table[(table["scope"] == "pooled") & (table["language"] != OVERALL)]
     grid = sub.pivot_table(index="language", columns="predictor", values="pearson_r", aggfunc="first",
                            dropna=False)
@@ -434,24 +432,23 @@ def mlflow_metrics(table: pd.DataFrame) -> dict[str, float]:
 
 
 def _run(args: argparse.Namespace) -> int:
-    index = mf.RunIndex.open(args)
-    client, uri, experiment = index.client, index.uri, index.experiment
+    index = RunIndex.open(args)
     if args.run_ids:
-        runs = mf.get_evaluate_runs(client, args.run_ids, uri)
+        runs = index.select_evaluate(args.run_ids)
         if args.stages:
             wrong = [r for r in runs
-                     if r.data.tags.get(mf.TAG_EVALUATED_STAGE) not in set(args.stages)]
+                     if r.data.tags.get(TAG_EVALUATED_STAGE) not in set(args.stages)]
             if wrong:
                 r = wrong[0]
                 raise AtmError(
-                    f"run {mf.run_label(r)} evaluated stage "
-                    f"{r.data.tags.get(mf.TAG_EVALUATED_STAGE)!r}, not one of --stage "
+                    f"run {run_label(r)} evaluated stage "
+                    f"{r.data.tags.get(TAG_EVALUATED_STAGE)!r}, not one of --stage "
                     f"{', '.join(args.stages)}"
                 )
     else:
-        runs = mf.find_evaluate_runs(client, experiment, uri, stages=args.stages)
+        runs = index.evaluate_runs(stages=args.stages)
 
-    frame = mf.metric_history_frame(client, runs, prefix="eval/")
+    frame = metric_history_frame(index.client, runs, prefix="eval/")
     check_enough_points(frame, len(runs))
     table = correlation_table(frame, per_run=args.per_run)
     overall = table["language"] == OVERALL
@@ -476,7 +473,7 @@ def _run(args: argparse.Namespace) -> int:
               f"predicted): left out of every correlation against {TARGET}", file=sys.stderr)
     header = (
         f"Correlation with {TARGET} over {n_points - n_degenerate} checkpoints of {len(runs)} evaluate "
-        f"run(s) in experiment '{experiment.name}' ({n_degenerate} more left out: degenerate XNLI probe; "
+        f"run(s) in experiment '{index.experiment.name}' ({n_degenerate} more left out: degenerate XNLI probe; "
         "pooled across runs; 95% intervals by Fisher's z, Spearman with the Bonett-Wright variance)"
     )
     rendered = render_table(table, header)
@@ -488,7 +485,7 @@ def _run(args: argparse.Namespace) -> int:
     }
     if (~overall).any():
         files["per_language.png"] = plot_per_language(table)
-    mf.publish(
+    publish(
         args, index, ANALYSIS_NAME, rendered, files,
         consumed_run_ids=[r.info.run_id for r in runs],
         metrics=mlflow_metrics(table),
@@ -508,7 +505,7 @@ def _run(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """CLI entry point; returns the exit status (0 ok, 2 user error)."""
-    return mf.cli(build_parser, _run, argv)
+    return cli(build_parser, _run, argv)
 
 
 if __name__ == "__main__":

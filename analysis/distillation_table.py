@@ -35,16 +35,15 @@ import argparse
 import math
 import sys
 from collections.abc import Sequence
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-_REPO_ROOT = Path(__file__).resolve().parent.parent
-if str(_REPO_ROOT) not in {str(Path(p).resolve()) for p in sys.path if p}:
-    sys.path.insert(0, str(_REPO_ROOT))  # `python analysis/distillation_table.py` without installing
-
 from analysis import _examples as ex
-from analysis import _mlflow_frames as mf
+from analysis._output import change_bar_axes, format_markdown_table, human_count, interval_metrics, publish, pyplot
+from analysis._runs import (encoder_label, error_change, finetune_recipe, finetune_variant, finetunes_of,
+                            massive_scores, matching_finetune, model_size)
+from analysis._store import RunIndex, analysis_parser, cli, is_sweep_trial
 from atm.errors import AtmError
+from atm.tracking import TAG_STAGE
 
 if TYPE_CHECKING:  # pragma: no cover
     import pandas as pd
@@ -65,7 +64,7 @@ HINT = ("fine-tune the student, its teacher and a same-size model pretrained fro
 
 
 def build_parser() -> argparse.ArgumentParser:
-    return mf.analysis_parser(
+    return analysis_parser(
         ANALYSIS_NAME,
         "Exact-match relative error change of distilled students against their teachers and against "
         "same-size models pretrained from scratch, on MASSIVE.",
@@ -78,26 +77,26 @@ def architecture(run: Run) -> tuple[str | None, ...]:
     return tuple(run.data.params.get(key) for key in ARCHITECTURE)
 
 
-def teacher_of(index: mf.RunIndex, student: Run) -> Run | None:
+def teacher_of(index: RunIndex, student: Run) -> Run | None:
     return index.input(student, "teacher_next") or index.input(student, "teacher")
 
 
-def scratch_models(index: mf.RunIndex, student: Run) -> list[Run]:
+def scratch_models(index: RunIndex, student: Run) -> list[Run]:
     """Pretrained-from-scratch runs with the student's architecture, preferred first."""
     arch = architecture(student)
     if None in arch:
         return []
-    runs = [r for r in index.of_stage(*SCRATCH_STAGES) if not mf.is_sweep_trial(r) and architecture(r) == arch]
+    runs = [r for r in index.of_stage(*SCRATCH_STAGES) if not is_sweep_trial(r) and architecture(r) == arch]
     order = {s: i for i, s in enumerate(SCRATCH_STAGES)}
-    return sorted(runs, key=lambda r: (order[r.data.tags[mf.TAG_STAGE]], -r.info.start_time))
+    return sorted(runs, key=lambda r: (order[r.data.tags[TAG_STAGE]], -r.info.start_time))
 
 
-def baseline_finetune(index: mf.RunIndex, candidates: Sequence[Run], variant: tuple[str, bool],
+def baseline_finetune(index: RunIndex, candidates: Sequence[Run], variant: tuple[str, bool],
                       ft: Run) -> tuple[Run | None, Run | None]:
     """``(baseline, its finetune run)``: the first of ``candidates`` with a finetune run of ``variant`` and the
-    recipe of ``ft`` (:func:`analysis._mlflow_frames.matching_finetune`), else ``(None, None)``."""
+    recipe of ``ft`` (:func:`analysis._runs.matching_finetune`), else ``(None, None)``."""
     for candidate in candidates:
-        base_ft = mf.matching_finetune(mf.finetunes_of(index, candidate.info.run_id).get(variant, []), ft)
+        base_ft = matching_finetune(finetunes_of(index, candidate.info.run_id).get(variant, []), ft)
         if base_ft is not None:
             return candidate, base_ft
     return None, None
@@ -107,11 +106,11 @@ def comparison_rows(student: Run, ft: Run, kind: str, base: Run | None, base_ft:
                     note: str, artifacts: ex.Artifacts | None = None) -> list[dict[str, Any]]:
     """Rows (one per locale of the student's finetune run, ``avg`` first) against one baseline, with
     paired-bootstrap intervals when ``artifacts`` is given and both finetune runs logged predictions."""
-    scores = mf.massive_scores(ft)
+    scores = massive_scores(ft)
     comparisons, interval_note = ({}, "") if base_ft is None or artifacts is None else ex.compare_finetunes(
         artifacts, ft, base_ft, ["exact_match"], per_locale=True)
-    base_scores = mf.massive_scores(base_ft) if base_ft is not None else {}
-    setting, frozen = mf.finetune_variant(ft)
+    base_scores = massive_scores(base_ft) if base_ft is not None else {}
+    setting, frozen = finetune_variant(ft)
     locales = sorted({loc for loc, _ in scores}, key=lambda loc: (loc != "avg", loc))
     rows = []
     for locale in locales:
@@ -119,14 +118,14 @@ def comparison_rows(student: Run, ft: Run, kind: str, base: Run | None, base_ft:
         em_base = base_scores.get((locale, "exact_match"), math.nan)
         rows.append({
             "student": student.info.run_name or student.info.run_id[:8],
-            "stage": student.data.tags.get(mf.TAG_STAGE, ""),
-            "non_embedding_params": mf.model_size(student)[0],
-            "setting": setting, "encoder": mf.encoder_label(frozen), "locale": locale,
+            "stage": student.data.tags.get(TAG_STAGE, ""),
+            "non_embedding_params": model_size(student)[0],
+            "setting": setting, "encoder": encoder_label(frozen), "locale": locale,
             "baseline": kind,
             "baseline_run": (base.info.run_name or base.info.run_id[:8]) if base is not None else "",
-            "baseline_stage": base.data.tags.get(mf.TAG_STAGE, "") if base is not None else "",
+            "baseline_stage": base.data.tags.get(TAG_STAGE, "") if base is not None else "",
             "em_student": em, "em_baseline": em_base,
-            "em_rel_error_change": mf.error_change(em, em_base),
+            "em_rel_error_change": error_change(em, em_base),
             "em_se_student": scores.get((locale, "exact_match_se"), math.nan),
             "em_se_baseline": base_scores.get((locale, "exact_match_se"), math.nan),
             **ex.interval_columns(comparisons.get(locale), "exact_match", "em"),
@@ -141,7 +140,7 @@ def comparison_rows(student: Run, ft: Run, kind: str, base: Run | None, base_ft:
     return rows
 
 
-def distillation_frame(index: mf.RunIndex, students: Sequence[Run]) -> tuple[pd.DataFrame, list[str]]:
+def distillation_frame(index: RunIndex, students: Sequence[Run]) -> tuple[pd.DataFrame, list[str]]:
     """Every comparison row and the consumed run ids.
 
     Raises:
@@ -152,15 +151,15 @@ def distillation_frame(index: mf.RunIndex, students: Sequence[Run]) -> tuple[pd.
     rows, used = [], []
     artifacts = ex.Artifacts(index.client)
     for student in students:
-        finetunes = mf.finetunes_of(index, student.info.run_id)
+        finetunes = finetunes_of(index, student.info.run_id)
         teacher = teacher_of(index, student)
         scratch = scratch_models(index, student)
         for variant, runs in finetunes.items():
             seen = set()
             for ft in runs:  # newest first, one per recipe
-                if mf.finetune_recipe(ft) in seen:
+                if finetune_recipe(ft) in seen:
                     continue
-                seen.add(mf.finetune_recipe(ft))
+                seen.add(finetune_recipe(ft))
                 used += [student.info.run_id, ft.info.run_id]
                 candidates = [("teacher", [teacher] if teacher is not None else [], "no teacher run"),
                               ("scratch", scratch, "no from-scratch run of this architecture")]
@@ -180,7 +179,7 @@ def plot(frame: pd.DataFrame) -> Any:
     """Bars of the locale-average exact-match error change per student, against each baseline."""
     import numpy as np
 
-    plt = mf.pyplot()
+    plt = pyplot()
     avg = frame[frame["locale"] == "avg"]
     labels = list(dict.fromkeys(zip(avg["student"], avg["setting"], avg["encoder"])))
     fig, ax = plt.subplots(figsize=(max(6.0, 1.6 * len(labels) + 2), 4.2))
@@ -188,18 +187,18 @@ def plot(frame: pd.DataFrame) -> Any:
         part = avg[avg["baseline"] == kind].set_index(["student", "setting", "encoder"])["em_rel_error_change"]
         values = [100 * part.get(label, np.nan) for label in labels]
         ax.bar(np.arange(len(labels)) + (i - 0.5) * 0.4, values, 0.4, label=f"vs {kind}")
-    mf.change_bar_axes(ax, [f"{s}\n{st}, {e}" for s, st, e in labels], "exact-match error change (%)",
+    change_bar_axes(ax, [f"{s}\n{st}, {e}" for s, st, e in labels], "exact-match error change (%)",
                        "students: relative exact-match error change (negative = student better)", fontsize=7)
     fig.tight_layout()
     return fig
 
 
 def _run(args: argparse.Namespace) -> int:
-    index = mf.RunIndex.open(args)
+    index = RunIndex.open(args)
     if args.run_ids:
         students = index.select(args.run_ids, STUDENT_STAGES)
     else:
-        students = [r for r in index.of_stage(*STUDENT_STAGES) if mf.finetunes_of(index, r.info.run_id)]
+        students = [r for r in index.of_stage(*STUDENT_STAGES) if finetunes_of(index, r.info.run_id)]
         if not students:
             raise AtmError(f"no finished distill_intermediate / distill_final run with a finetune run over it "
                            f"{index.where}; {HINT}")
@@ -210,20 +209,20 @@ def _run(args: argparse.Namespace) -> int:
     avg = frame[frame["locale"] == "avg"].copy()
     for note in sorted(set(avg["interval_note"]) - {""}):
         print(f"warning: {note}", file=sys.stderr)
-    avg["non_embedding_params"] = [mf.human_count(v) for v in avg["non_embedding_params"]]
+    avg["non_embedding_params"] = [human_count(v) for v in avg["non_embedding_params"]]
     avg["em_95ci"] = [ex.format_interval(lo, hi) for lo, hi in
                       zip(avg["em_rel_error_change_lo"], avg["em_rel_error_change_hi"])]
     header = ("Distilled students vs teachers and vs same-size models pretrained from scratch: MASSIVE exact "
               "match (average over the evaluated locales) and the relative exact-match error change "
               "(err_student - err_baseline) / err_baseline, negative = student better, with 95% paired-bootstrap "
               f"intervals over test utterances (and seeds); {index.where}")
-    markdown = f"{header}\n\n{mf.format_markdown_table(avg[TABLE_COLUMNS], FORMATS)}\n"
+    markdown = f"{header}\n\n{format_markdown_table(avg[TABLE_COLUMNS], FORMATS)}\n"
     metrics = {}
     for _, row in frame[frame["locale"] == "avg"].iterrows():  # oldest first: newer students overwrite
-        key = f"distill/{row['stage']}/{row['setting']}/{row['encoder']}/vs_{row['baseline']}/em_rel_error_change"
-        for suffix in ("", "_lo", "_hi"):
-            metrics[key + suffix] = row[f"em_rel_error_change{suffix}"]
-    mf.publish(args, index, ANALYSIS_NAME, markdown,
+        metrics.update(interval_metrics(
+            f"distill/{row['stage']}/{row['setting']}/{row['encoder']}/vs_{row['baseline']}/em_rel_error_change",
+            row, "em_rel_error_change"))
+    publish(args, index, ANALYSIS_NAME, markdown,
                {"distillation.md": markdown, "distillation.csv": frame, "distillation.png": plot(frame)},
                consumed_run_ids=used, metrics=metrics,
                params={"n_students": frame["student_run_id"].nunique()})
@@ -232,7 +231,7 @@ def _run(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """CLI entry point; returns the exit status (0 ok, 2 user error)."""
-    return mf.cli(build_parser, _run, argv)
+    return cli(build_parser, _run, argv)
 
 
 if __name__ == "__main__":

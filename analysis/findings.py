@@ -58,20 +58,18 @@ import argparse
 import math
 import sys
 from collections.abc import Callable, Sequence
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-_REPO_ROOT = Path(__file__).resolve().parent.parent
-if str(_REPO_ROOT) not in {str(Path(p).resolve()) for p in sys.path if p}:
-    sys.path.insert(0, str(_REPO_ROOT))  # `python analysis/findings.py` without installing
-
 from analysis import _examples as ex
-from analysis import _mlflow_frames as mf
 from analysis._findings_spec import (  # the specs and the decision rule (re-exported)
     ABLATION_JOB, CONTRADICTED, CSV_COLUMNS, FULL, INCONCLUSIVE, INTERMEDIATE, JOB, LOGIT, MI_ALPHA, MISSING,
     REPRODUCED, SPECS, TABLE_COLUMNS, Measure, Spec, required_sample, verdict,
 )
+from analysis._output import format_markdown_table, human_count, publish, pyplot
+from analysis._runs import finetune_variant, finetunes_of, massive_scores, metric_history_frame, model_size, param_value
+from analysis._store import STAGE_EVALUATE, TAG_EVALUATED_STAGE, RunIndex, analysis_parser, cli, is_sweep_trial
 from atm.errors import AtmError
+from atm.tracking import TAG_STAGE, TAG_SWEEP_PARENT
 
 if TYPE_CHECKING:  # pragma: no cover
     import numpy as np
@@ -88,13 +86,13 @@ def _missing(note: str, run_ids: Sequence[str] = ()) -> Measure:
 class Context:
     """The run index of the experiment and the per-example artifact reader, shared by the findings."""
 
-    def __init__(self, index: mf.RunIndex):
+    def __init__(self, index: RunIndex):
         self.index = index
         self.artifacts = ex.Artifacts(index.client)
 
     def runs(self, stage: str) -> list[Run]:
         """Finished runs of ``stage`` that are not sweep trials, oldest first."""
-        return [r for r in self.index.of_stage(stage) if not mf.is_sweep_trial(r)]
+        return [r for r in self.index.of_stage(stage) if not is_sweep_trial(r)]
 
 
 # --------------------------------------------------------------------------------------------------------- F1
@@ -105,14 +103,14 @@ def measure_f1(ctx: Context) -> dict[str, Measure]:
     from analysis import correlate_xnli as cx
     from atm.stats import Interval
 
-    runs = [r for r in ctx.index.of_stage(mf.STAGE_EVALUATE)
-            if r.data.tags.get(mf.TAG_EVALUATED_STAGE) in ("pretrain_stage1", "pretrain_stage2")]
+    runs = [r for r in ctx.index.of_stage(STAGE_EVALUATE)
+            if r.data.tags.get(TAG_EVALUATED_STAGE) in ("pretrain_stage1", "pretrain_stage2")]
     keys = {"F1a": "eval/perplexity/written", "F1b": "eval/mask_fill/noun_accuracy"}
     if not runs:
         return {k: _missing("no finished evaluate run of a pretrain_stage1/2 teacher") for k in keys}
     wanted = {cx.TARGET, cx.DEGENERATE_LANGUAGES, *keys.values()}
     wanted |= {k for r in runs for k in r.data.metrics if cx.LANG_DEGENERATE.match(k)}
-    frame = mf.metric_history_frame(ctx.index.client, runs, keys=sorted(wanted), resolve_evaluated_names=False)
+    frame = metric_history_frame(ctx.index.client, runs, keys=sorted(wanted), resolve_evaluated_names=False)
     ids = [r.info.run_id for r in runs]
     out = {}
     for finding, key in keys.items():
@@ -145,13 +143,13 @@ def _by_size(runs: Sequence[Run]) -> list[Run]:
 
 
 def _size(run: Run) -> float:
-    size = mf.model_size(run)[0]
+    size = model_size(run)[0]
     return -1.0 if math.isnan(size) else size
 
 
 def _label(run: Run) -> str:
     """``name (size)`` of an encoder run, for the notes."""
-    return f"{run.info.run_name or run.info.run_id[:8]} ({mf.human_count(mf.model_size(run)[0])})"
+    return f"{run.info.run_name or run.info.run_id[:8]} ({human_count(model_size(run)[0])})"
 
 
 def massive_measure(ctx: Context, ft_a: Run, ft_b: Run, score: str, relative: bool, ids: Sequence[str],
@@ -176,7 +174,7 @@ def measure_f2(ctx: Context) -> dict[str, Measure]:
 
     for stage2 in _by_size(ctx.runs("pretrain_stage2")):
         stage1, pairs, _ = stage2_effect.finetune_pairs(ctx.index, stage2)
-        pair = next(((ft2, ft1) for ft2, ft1 in pairs if mf.finetune_variant(ft2) == FULL), None)
+        pair = next(((ft2, ft1) for ft2, ft1 in pairs if finetune_variant(ft2) == FULL), None)
         if pair is not None:
             ids = [stage2.info.run_id, stage1.info.run_id]
             jobs, what = "jobs ft_stage1_l and ft_stage2_l", f"{_label(stage2)} vs {_label(stage1)}"
@@ -191,7 +189,7 @@ def measure_f3(ctx: Context) -> Measure:
     from analysis import distillation_table as dt
 
     for student in reversed(ctx.runs("distill_final")):
-        for ft in mf.finetunes_of(ctx.index, student.info.run_id).get(FULL, []):
+        for ft in finetunes_of(ctx.index, student.info.run_id).get(FULL, []):
             scratch, scratch_ft = dt.baseline_finetune(ctx.index, dt.scratch_models(ctx.index, student), FULL, ft)
             if scratch_ft is not None:
                 return massive_measure(ctx, ft, scratch_ft, "exact_match", True,
@@ -286,8 +284,8 @@ def _ablation_trials(ctx: Context) -> tuple[Run, pd.DataFrame] | None:
     """The newest sweep whose counted trials vary both the logit loss and the intermediate objective."""
     from analysis import ablation_report
 
-    parents = [r for r in ctx.index.runs if mf.TAG_SWEEP_PARENT in r.data.tags]
-    parents.sort(key=lambda r: (r.data.tags[mf.TAG_SWEEP_PARENT] != "alexatm_mini_ablation", -r.info.start_time))
+    parents = [r for r in ctx.index.runs if TAG_SWEEP_PARENT in r.data.tags]
+    parents.sort(key=lambda r: (r.data.tags[TAG_SWEEP_PARENT] != "alexatm_mini_ablation", -r.info.start_time))
     for parent in parents:
         trials, _ = ablation_report.trial_frame(ctx.index, parent)
         if not len(trials):
@@ -316,7 +314,7 @@ def measure_f5(ctx: Context) -> dict[str, Measure]:
     inter, inter_levels = pd.factorize(trials[f"param:{INTERMEDIATE}"], sort=True)
     logit, logit_levels = pd.factorize(trials[f"param:{LOGIT}"], sort=True)
     direction = parent.data.tags.get("optuna.direction", "").lower()
-    note = f"{len(trials)} trials of sweep {parent.data.tags[mf.TAG_SWEEP_PARENT]}, objective " \
+    note = f"{len(trials)} trials of sweep {parent.data.tags[TAG_SWEEP_PARENT]}, objective " \
            f"{', '.join(sorted(set(trials['objective_key'])))} ({direction or 'direction unknown: higher = better'})"
     scores = np.stack([y, inter, logit], axis=-1)[None]  # (1 "seed", trials, 3)
     f5a = stats.bootstrap_interval(scores, eta_squared_statistic(len(inter_levels), len(logit_levels)))
@@ -394,7 +392,7 @@ def render(frame: pd.DataFrame) -> str:
     lines = ["Seed findings (AlexaTM, FitzGerald et al. KDD 2022; Distiller, He et al. 2021) on atm's runs. "
              "Verdict: reproduced = the 95% interval excludes zero in the claimed direction, contradicted = in the "
              "opposite one, else inconclusive (with the sample size a decision would need at 80% power).", "",
-             mf.format_markdown_table(shown[TABLE_COLUMNS]), ""]
+             format_markdown_table(shown[TABLE_COLUMNS]), ""]
     for _, row in frame.iterrows():
         detail = f"- {row['finding']}: {row['statistic']}"
         if row["note"]:
@@ -408,7 +406,7 @@ def render(frame: pd.DataFrame) -> str:
 def plot(frame: pd.DataFrame) -> Any:
     """Forest plot: one line per finding, its estimate and 95% interval, coloured by verdict; the claimed
     direction is marked on the right."""
-    plt = mf.pyplot()
+    plt = pyplot()
     colours = {REPRODUCED: "tab:green", CONTRADICTED: "tab:red", INCONCLUSIVE: "tab:grey", MISSING: "lightgrey"}
     fig, ax = plt.subplots(figsize=(9.5, 0.45 * len(frame) + 1.8))
     for y, (_, row) in enumerate(frame.iloc[::-1].iterrows()):
@@ -439,8 +437,8 @@ def largest_teacher_finetune(ctx: Context, locale: str) -> tuple[Run, Run] | Non
     newest) with a full fine-tuning that scored ``locale``."""
     teachers = _by_size([*ctx.runs("pretrain_stage2"), *ctx.runs("pretrain_stage1")])
     for teacher in teachers:
-        for ft in mf.finetunes_of(ctx.index, teacher.info.run_id).get(FULL, []):
-            if (locale, "intent_accuracy") in mf.massive_scores(ft):
+        for ft in finetunes_of(ctx.index, teacher.info.run_id).get(FULL, []):
+            if (locale, "intent_accuracy") in massive_scores(ft):
                 return teacher, ft
     return None
 
@@ -461,10 +459,10 @@ def baseline_section(ctx: Context, locale: str, max_train: int | None) -> tuple[
         ids = [teacher.info.run_id, ft.info.run_id]
         m = ft.data.metrics
         key = f"eval/massive/{locale}/intent_accuracy"
-        cap = mf.param_value(ft.data.params.get("finetune.max_train_per_locale"))
+        cap = param_value(ft.data.params.get("finetune.max_train_per_locale"))
         n_test = m.get(f"eval/massive/{locale}/n", math.nan)
-        rows.append(f"| {teacher.info.run_name or teacher.info.run_id[:8]} ({teacher.data.tags.get(mf.TAG_STAGE)}, "
-                    f"{mf.human_count(mf.model_size(teacher)[0])} params), fine-tuned {ft.info.run_id[:8]} | "
+        rows.append(f"| {teacher.info.run_name or teacher.info.run_id[:8]} ({teacher.data.tags.get(TAG_STAGE)}, "
+                    f"{human_count(model_size(teacher)[0])} params), fine-tuned {ft.info.run_id[:8]} | "
                     f"{m[key]:.4f} | {ex.format_interval(m.get(key + '_lo', math.nan), m.get(key + '_hi', math.nan), '.4f')}"
                     f" | {cap if cap is not None else 'all'} per locale | {n_test:.0f} | |")
         if isinstance(cap, int) and max_train is None:
@@ -498,7 +496,7 @@ def baseline_section(ctx: Context, locale: str, max_train: int | None) -> tuple[
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = mf.analysis_parser(
+    parser = analysis_parser(
         ANALYSIS_NAME,
         "One row per seed finding of AlexaTM / Distiller: atm's statistic with its 95% interval and the verdict "
         "reproduced / contradicted / inconclusive (with the sample size a decision would need) / missing.",
@@ -514,7 +512,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _run(args: argparse.Namespace) -> int:
     if args.run_ids:
         raise AtmError("findings.py picks its runs itself; --run-id is not supported")
-    ctx = Context(mf.RunIndex.open(args))
+    ctx = Context(RunIndex.open(args))
     frame = findings_frame(ctx)
     markdown = f"# Findings {ctx.index.where}\n\n{render(frame)}"
     metrics: dict[str, float] = {}
@@ -529,7 +527,7 @@ def _run(args: argparse.Namespace) -> int:
     counts = frame["verdict"].value_counts()
     print("verdicts: " + ", ".join(f"{counts.get(v, 0)} {v}" for v in (REPRODUCED, CONTRADICTED, INCONCLUSIVE, MISSING)),
           file=sys.stderr)
-    mf.publish(args, ctx.index, ANALYSIS_NAME, markdown,
+    publish(args, ctx.index, ANALYSIS_NAME, markdown,
                {"findings.md": markdown, "findings.csv": frame, "findings.png": plot(frame)},
                consumed_run_ids=used, metrics=metrics,
                params={f"verdict/{row['finding']}": row["verdict"] for _, row in frame.iterrows()}
@@ -540,7 +538,7 @@ def _run(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """CLI entry point; returns the exit status (0 whatever the verdicts, 2 for a missing store/experiment)."""
-    return mf.cli(build_parser, _run, argv)
+    return cli(build_parser, _run, argv)
 
 
 if __name__ == "__main__":

@@ -42,16 +42,15 @@ import argparse
 import math
 import sys
 from collections.abc import Sequence
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-_REPO_ROOT = Path(__file__).resolve().parent.parent
-if str(_REPO_ROOT) not in {str(Path(p).resolve()) for p in sys.path if p}:
-    sys.path.insert(0, str(_REPO_ROOT))  # `python analysis/scaling_table.py` without installing
-
 from analysis import _examples as ex
-from analysis import _mlflow_frames as mf
+from analysis._output import format_markdown_table, human_count, publish, pyplot
+from analysis._runs import MASSIVE_SCORES, encoder_label, finetunes_of, massive_scores, matching_finetune, model_size
+from analysis._store import RunIndex, analysis_parser, cli, is_sweep_trial
 from atm.errors import AtmError
+from atm.stages import stages_of_kind
+from atm.tracking import TAG_STAGE
 
 if TYPE_CHECKING:  # pragma: no cover
     import pandas as pd
@@ -68,7 +67,7 @@ INTRINSIC = (
 )
 #: Probes a training run logs itself at its end (used when it has no evaluate run).
 OWN_METRICS = ("perplexity_written", "perplexity_spoken")
-MASSIVE = tuple(f"massive_{s}" for s in mf.MASSIVE_SCORES)
+MASSIVE = tuple(f"massive_{s}" for s in MASSIVE_SCORES)
 TABLE_COLUMNS = ["run", "stage", "model", "non_embedding_params", *(c for c, _ in INTRINSIC), *MASSIVE]
 FORMATS = {c: ".3f" for c, _ in INTRINSIC[:2]} | {c: ".4f" for c, _ in INTRINSIC[2:]} | {c: ".4f" for c in MASSIVE}
 #: Stages whose runs are teachers, compared largest vs smallest.
@@ -81,15 +80,16 @@ DIFFERENCE_COLUMNS = ["stage", "small_run", "large_run", "quantity", "small", "l
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = mf.analysis_parser(
+    mlm_stages = stages_of_kind("mlm")
+    parser = analysis_parser(
         ANALYSIS_NAME,
         "Model size against perplexity, mask-filling accuracy, XNLI and MASSIVE scores, one row per "
         "MLM encoder.",
-        "MLM training run id(s) (stages " + ", ".join(mf.MLM_STAGES) + "); default: every finished "
+        "MLM training run id(s) (stages " + ", ".join(mlm_stages) + "); default: every finished "
         "one in the experiment that is not a sweep trial",
     )
     parser.add_argument("--stage", dest="stages", action="extend", nargs="+", metavar="STAGE",
-                        choices=mf.MLM_STAGES, help="keep only encoders of these stages")
+                        choices=mlm_stages, help="keep only encoders of these stages")
     parser.add_argument("--include-trials", action="store_true",
                         help="also list the encoders trained by sweep trials")
     parser.add_argument("--setting", default="full", help="finetune.setting of the MASSIVE columns "
@@ -99,28 +99,29 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def select_encoders(index: mf.RunIndex, args: argparse.Namespace) -> list[Run]:
+def select_encoders(index: RunIndex, args: argparse.Namespace) -> list[Run]:
     """The encoders to tabulate (see the module docstring). Raises AtmError when there are none."""
+    mlm_stages = stages_of_kind("mlm")
     if args.run_ids:
-        runs = index.select(args.run_ids, mf.MLM_STAGES)
+        runs = index.select(args.run_ids, mlm_stages)
     else:
-        runs = [r for r in index.of_stage(*mf.MLM_STAGES) if args.include_trials or not mf.is_sweep_trial(r)]
+        runs = [r for r in index.of_stage(*mlm_stages) if args.include_trials or not is_sweep_trial(r)]
     if args.stages:
-        runs = [r for r in runs if r.data.tags.get(mf.TAG_STAGE) in args.stages]
+        runs = [r for r in runs if r.data.tags.get(TAG_STAGE) in args.stages]
     if not runs:
-        stages = ", ".join(args.stages or mf.MLM_STAGES)
+        stages = ", ".join(args.stages or mlm_stages)
         raise AtmError(f"no finished MLM training runs of stages {stages} {index.where}; train one with "
                        "`python -m atm.train stage=pretrain_stage1 ...` first")
     return runs
 
 
-def encoder_row(index: mf.RunIndex, run: Run, variant: tuple[str, bool]) -> tuple[dict[str, Any], list[str]]:
+def encoder_row(index: RunIndex, run: Run, variant: tuple[str, bool]) -> tuple[dict[str, Any], list[str]]:
     """The table row of one encoder and the ids of the runs it was read from."""
     tags, params = run.data.tags, run.data.params
-    non_emb, total, size_source = mf.model_size(run)
+    non_emb, total, size_source = model_size(run)
     row: dict[str, Any] = {
         "run": run.info.run_name or run.info.run_id[:8],
-        "stage": tags.get(mf.TAG_STAGE, ""),
+        "stage": tags.get(TAG_STAGE, ""),
         "model": params.get("model.name", ""),
         "non_embedding_params": non_emb,
         "parameters": total,
@@ -138,15 +139,15 @@ def encoder_row(index: mf.RunIndex, run: Run, variant: tuple[str, bool]) -> tupl
         row["intrinsic_source"] = "training run" if any(k in run.data.metrics for _, k in INTRINSIC) else ""
         row.update({col: float(run.data.metrics.get(key, math.nan)) if col in OWN_METRICS else math.nan
                     for col, key in INTRINSIC})
-    finetunes = mf.finetunes_of(index, run.info.run_id).get(variant, [])
-    scores = mf.massive_scores(finetunes[0]) if finetunes else {}
+    finetunes = finetunes_of(index, run.info.run_id).get(variant, [])
+    scores = massive_scores(finetunes[0]) if finetunes else {}
     row["finetune_run_id"] = finetunes[0].info.run_id if finetunes else ""
     used += [finetunes[0].info.run_id] if finetunes else []
-    row.update({f"massive_{s}": scores.get(("avg", s), math.nan) for s in mf.MASSIVE_SCORES})
+    row.update({f"massive_{s}": scores.get(("avg", s), math.nan) for s in MASSIVE_SCORES})
     return row, used
 
 
-def scaling_frame(index: mf.RunIndex, runs: Sequence[Run], variant: tuple[str, bool]) -> tuple[pd.DataFrame, list[str]]:
+def scaling_frame(index: RunIndex, runs: Sequence[Run], variant: tuple[str, bool]) -> tuple[pd.DataFrame, list[str]]:
     """One row per encoder, sorted by non-embedding size (then stage order); the consumed run ids."""
     import pandas as pd
 
@@ -156,7 +157,7 @@ def scaling_frame(index: mf.RunIndex, runs: Sequence[Run], variant: tuple[str, b
         rows.append(row)
         used += ids
     frame = pd.DataFrame(rows)
-    frame["_order"] = frame["stage"].map({s: i for i, s in enumerate(mf.MLM_STAGES)})
+    frame["_order"] = frame["stage"].map({s: i for i, s in enumerate(stages_of_kind("mlm"))})
     frame = frame.sort_values(["non_embedding_params", "_order"], na_position="last", kind="stable")
     return frame.drop(columns="_order").reset_index(drop=True), used
 
@@ -170,20 +171,20 @@ def teacher_extremes(runs: Sequence[Run], stage: str) -> tuple[Run, Run] | None:
     each size); None with fewer than two sizes."""
     by_size: dict[float, Run] = {}
     for run in runs:  # oldest first: the newest run of a size wins
-        size = mf.model_size(run)[0]
-        if run.data.tags.get(mf.TAG_STAGE) == stage and not math.isnan(size):
+        size = model_size(run)[0]
+        if run.data.tags.get(TAG_STAGE) == stage and not math.isnan(size):
             by_size[size] = run
     if len(by_size) < 2:
         return None
     return by_size[min(by_size)], by_size[max(by_size)]
 
 
-def matched_finetunes(index: mf.RunIndex, small: Run, large: Run, variant: tuple[str, bool]) -> tuple[Run, Run] | None:
+def matched_finetunes(index: RunIndex, small: Run, large: Run, variant: tuple[str, bool]) -> tuple[Run, Run] | None:
     """``(finetune over small, finetune over large)``: the newest finetune run of ``variant`` over ``large`` with a
-    same-recipe one over ``small`` (:func:`analysis._mlflow_frames.matching_finetune`), or None."""
-    small_fts = mf.finetunes_of(index, small.info.run_id).get(variant, [])
-    for ft_large in mf.finetunes_of(index, large.info.run_id).get(variant, []):  # newest first
-        ft_small = mf.matching_finetune(small_fts, ft_large)
+    same-recipe one over ``small`` (:func:`analysis._runs.matching_finetune`), or None."""
+    small_fts = finetunes_of(index, small.info.run_id).get(variant, [])
+    for ft_large in finetunes_of(index, large.info.run_id).get(variant, []):  # newest first
+        ft_small = matching_finetune(small_fts, ft_large)
         if ft_small is not None:
             return ft_small, ft_large
     return None
@@ -217,14 +218,14 @@ def perplexity_change(small_eval: Run, large_eval: Run, domains: Sequence[str]) 
     return change, "" if len(logs) > 1 else "one language: no interval"
 
 
-def extremes_rows(index: mf.RunIndex, artifacts: ex.Artifacts, small: Run, large: Run,
+def extremes_rows(index: RunIndex, artifacts: ex.Artifacts, small: Run, large: Run,
                   variant: tuple[str, bool]) -> tuple[list[dict[str, Any]], list[str]]:
     """Largest-minus-smallest rows (see the module docstring) and the run ids they read."""
     rows, used = [], []
-    base = {"stage": large.data.tags.get(mf.TAG_STAGE, ""),
+    base = {"stage": large.data.tags.get(TAG_STAGE, ""),
             "small_run": small.info.run_name or small.info.run_id[:8],
             "large_run": large.info.run_name or large.info.run_id[:8],
-            "small_params": mf.model_size(small)[0], "large_params": mf.model_size(large)[0],
+            "small_params": model_size(small)[0], "large_params": model_size(large)[0],
             "small_run_id": small.info.run_id, "large_run_id": large.info.run_id}
 
     def add(quantity: str, small_value: float, large_value: float, interval: Any, unit: str, note: str,
@@ -258,16 +259,16 @@ def extremes_rows(index: mf.RunIndex, artifacts: ex.Artifacts, small: Run, large
     pair = matched_finetunes(index, small, large, variant)
     if pair is not None:
         ft_small, ft_large = pair
-        comparisons, note = ex.compare_finetunes(artifacts, ft_large, ft_small, mf.MASSIVE_SCORES)
-        s_small, s_large = mf.massive_scores(ft_small), mf.massive_scores(ft_large)
-        for score in mf.MASSIVE_SCORES:
+        comparisons, note = ex.compare_finetunes(artifacts, ft_large, ft_small, MASSIVE_SCORES)
+        s_small, s_large = massive_scores(ft_small), massive_scores(ft_large)
+        for score in MASSIVE_SCORES:
             add(f"massive_{score}", s_small.get(("avg", score), math.nan), s_large.get(("avg", score), math.nan),
                 comparisons["avg"].difference[score] if comparisons else None, "test utterances", note,
                 [ft_small.info.run_id, ft_large.info.run_id])
     return rows, used
 
 
-def difference_frame(index: mf.RunIndex, runs: Sequence[Run], variant: tuple[str, bool]
+def difference_frame(index: RunIndex, runs: Sequence[Run], variant: tuple[str, bool]
                      ) -> tuple[pd.DataFrame, list[str]]:
     """:func:`extremes_rows` of every teacher stage with two sizes among ``runs``."""
     import pandas as pd
@@ -286,13 +287,13 @@ def difference_frame(index: mf.RunIndex, runs: Sequence[Run], variant: tuple[str
 
 def plot(frame: pd.DataFrame) -> Any:
     """One panel per metric that has a value, against non-embedding parameters (log scale)."""
-    plt = mf.pyplot()
+    plt = pyplot()
     columns = [c for c in TABLE_COLUMNS[4:] if frame[c].notna().any()]
     n = max(len(columns), 1)
     ncols = min(n, 4)
     nrows = (n + ncols - 1) // ncols
     fig, axes = plt.subplots(nrows, ncols, figsize=(4.2 * ncols, 3.6 * nrows), squeeze=False)
-    markers = dict(zip(mf.MLM_STAGES, "osD^"))
+    markers = dict(zip(stages_of_kind("mlm"), "osD^"))
     for ax, column in zip(axes.flat, columns):
         for stage, sub in frame.groupby("stage", sort=False):
             sub = sub[["non_embedding_params", column]].dropna()
@@ -315,21 +316,21 @@ def plot(frame: pd.DataFrame) -> Any:
 
 
 def _run(args: argparse.Namespace) -> int:
-    index = mf.RunIndex.open(args)
+    index = RunIndex.open(args)
     runs = select_encoders(index, args)
     variant = (args.setting, bool(args.frozen_encoder))
     frame, used = scaling_frame(index, runs, variant)
     shown = frame[TABLE_COLUMNS].copy()
-    shown["non_embedding_params"] = [mf.human_count(v) for v in shown["non_embedding_params"]]
+    shown["non_embedding_params"] = [human_count(v) for v in shown["non_embedding_params"]]
     header = (f"Scaling: {len(frame)} MLM encoder(s) {index.where}; MASSIVE = eval/massive/avg of the newest "
-              f"finetune run with setting={variant[0]}, {mf.encoder_label(variant[1])} encoder")
-    markdown = f"{header}\n\n{mf.format_markdown_table(shown, FORMATS)}\n"
+              f"finetune run with setting={variant[0]}, {encoder_label(variant[1])} encoder")
+    markdown = f"{header}\n\n{format_markdown_table(shown, FORMATS)}\n"
     differences, more = difference_frame(index, runs, variant)
     used += more
     if len(differences):
         markdown += ("\nLargest minus smallest teacher, 95% intervals (perplexity: relative change of the geometric "
                      "mean over languages, t over languages; probes and MASSIVE: paired bootstrap over items):\n\n"
-                     + mf.format_markdown_table(differences[DIFFERENCE_COLUMNS],
+                     + format_markdown_table(differences[DIFFERENCE_COLUMNS],
                                                 {c: ".4g" for c in DIFFERENCE_COLUMNS[4:9]}) + "\n")
     no_size = frame[frame["size_source"] == ""]["run"].tolist()
     if no_size:
@@ -339,7 +340,7 @@ def _run(args: argparse.Namespace) -> int:
     for _, row in differences.iterrows():
         key = f"scaling/{row['stage']}/largest_minus_smallest/{row['quantity']}"
         metrics.update({key: row["difference"], f"{key}_lo": row["ci_low"], f"{key}_hi": row["ci_high"]})
-    mf.publish(args, index, ANALYSIS_NAME, markdown,
+    publish(args, index, ANALYSIS_NAME, markdown,
                {"scaling.md": markdown, "scaling.csv": frame, "scaling_difference.csv": differences,
                 "scaling.png": plot(frame)},
                consumed_run_ids=used, metrics=metrics,
@@ -350,7 +351,7 @@ def _run(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """CLI entry point; returns the exit status (0 ok, 2 user error)."""
-    return mf.cli(build_parser, _run, argv)
+    return cli(build_parser, _run, argv)
 
 
 if __name__ == "__main__":

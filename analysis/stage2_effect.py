@@ -37,15 +37,13 @@ import argparse
 import math
 import sys
 from collections.abc import Sequence
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-_REPO_ROOT = Path(__file__).resolve().parent.parent
-if str(_REPO_ROOT) not in {str(Path(p).resolve()) for p in sys.path if p}:
-    sys.path.insert(0, str(_REPO_ROOT))  # `python analysis/stage2_effect.py` without installing
-
 from analysis import _examples as ex
-from analysis import _mlflow_frames as mf
+from analysis._output import change_bar_axes, format_markdown_table, interval_metrics, publish, pyplot
+from analysis._runs import (encoder_label, error_change, finetune_recipe, finetune_variant, finetunes_of,
+                            massive_scores, matching_finetune)
+from analysis._store import RunIndex, analysis_parser, cli, run_label
 from atm.errors import AtmError
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -66,7 +64,7 @@ HINT = ("fine-tune both teachers with the same recipe: `python -m atm.train stag
 
 
 def build_parser() -> argparse.ArgumentParser:
-    return mf.analysis_parser(
+    return analysis_parser(
         ANALYSIS_NAME,
         "Relative error-rate change of intent classification and slot filling on MASSIVE when the "
         "encoder is the Stage-2 teacher instead of the Stage-1 teacher it continued (full and frozen encoder).",
@@ -78,21 +76,21 @@ def pair_rows(stage2: Run, stage1: Run, ft2: Run, ft1: Run,
               artifacts: ex.Artifacts | None = None) -> list[dict[str, Any]]:
     """One row per locale both finetune runs were evaluated on (``avg`` first), with paired-bootstrap intervals
     from their predictions when ``artifacts`` is given and they logged them."""
-    s2, s1 = mf.massive_scores(ft2), mf.massive_scores(ft1)
+    s2, s1 = massive_scores(ft2), massive_scores(ft1)
     comparisons, note = ({}, "no interval: not computed") if artifacts is None else ex.compare_finetunes(
         artifacts, ft2, ft1, [score for _, score in TASKS], per_locale=True)
-    setting, frozen = mf.finetune_variant(ft2)
+    setting, frozen = finetune_variant(ft2)
     locales = sorted({loc for loc, score in s2 if (loc, score) in s1}, key=lambda loc: (loc != "avg", loc))
     rows = []
     for locale in locales:
         row: dict[str, Any] = {
             "stage2_run": stage2.info.run_name or stage2.info.run_id[:8], "setting": setting,
-            "encoder": mf.encoder_label(frozen), "locale": locale,
+            "encoder": encoder_label(frozen), "locale": locale,
         }
         for task, score in TASKS:
             a1, a2 = s1.get((locale, score), math.nan), s2.get((locale, score), math.nan)
             row.update({f"{task}_err_stage1": 1.0 - a1, f"{task}_err_stage2": 1.0 - a2,
-                        f"{task}_rel_error_change": mf.error_change(a2, a1),
+                        f"{task}_rel_error_change": error_change(a2, a1),
                         f"{task}_err_se_stage1": s1.get((locale, f"{score}_se"), math.nan),
                         f"{task}_err_se_stage2": s2.get((locale, f"{score}_se"), math.nan),
                         **ex.interval_columns(comparisons.get(locale), score, task)})
@@ -107,25 +105,25 @@ def pair_rows(stage2: Run, stage1: Run, ft2: Run, ft1: Run,
     return rows
 
 
-def finetune_pairs(index: mf.RunIndex, stage2: Run) -> tuple[Run | None, list[tuple[Run, Run]], str]:
+def finetune_pairs(index: RunIndex, stage2: Run) -> tuple[Run | None, list[tuple[Run, Run]], str]:
     """``(stage1, [(finetune over stage2, finetune over stage1), ...], note)``: the Stage-1 teacher ``stage2``
     continued (its ``atm.input.init``) and, per variant and recipe (newest first), the finetune run over the
     Stage-2 teacher with the newest same-variant, same-recipe finetune run over the Stage-1 teacher; the note
     says why the list is empty."""
-    label = mf.run_label(stage2)
+    label = run_label(stage2)
     stage1 = index.input(stage2, "init")
     if stage1 is None:
         return None, [], f"{label}: its atm.input.init (the Stage-1 teacher) is not an MLflow run"
-    ft2_all, ft1_all = mf.finetunes_of(index, stage2.info.run_id), mf.finetunes_of(index, stage1.info.run_id)
+    ft2_all, ft1_all = finetunes_of(index, stage2.info.run_id), finetunes_of(index, stage1.info.run_id)
     pairs = []
     for variant, ft2_runs in ft2_all.items():
         seen = set()
         for ft2 in ft2_runs:  # newest first; one pair per recipe
-            recipe = mf.finetune_recipe(ft2)
+            recipe = finetune_recipe(ft2)
             if recipe in seen:
                 continue
             seen.add(recipe)
-            ft1 = mf.matching_finetune(ft1_all.get(variant, []), ft2)
+            ft1 = matching_finetune(ft1_all.get(variant, []), ft2)
             if ft1 is not None:
                 pairs.append((ft2, ft1))
     note = "" if pairs else (f"{label}: {sum(map(len, ft2_all.values()))} finetune run(s) over it, "
@@ -134,7 +132,7 @@ def finetune_pairs(index: mf.RunIndex, stage2: Run) -> tuple[Run | None, list[tu
     return stage1, pairs, note
 
 
-def effect_frame(index: mf.RunIndex, stage2_runs: Sequence[Run]) -> tuple[pd.DataFrame, list[str], list[str]]:
+def effect_frame(index: RunIndex, stage2_runs: Sequence[Run]) -> tuple[pd.DataFrame, list[str], list[str]]:
     """All pair rows, the consumed run ids, and one note per Stage-2 run that gave no pair.
 
     Raises:
@@ -161,7 +159,7 @@ def plot(frame: pd.DataFrame) -> Any:
     (task, encoder, setting)."""
     import numpy as np
 
-    plt = mf.pyplot()
+    plt = pyplot()
     groups = list(frame.groupby("stage2_run_id", sort=False))
     fig, axes = plt.subplots(len(groups), 1, figsize=(max(6.0, 1.1 * frame["locale"].nunique() + 3), 3.8 * len(groups)),
                              squeeze=False)
@@ -174,13 +172,13 @@ def plot(frame: pd.DataFrame) -> Any:
             values = [100 * part[f"{task}_rel_error_change"].get(loc, np.nan) for loc in locales]
             ax.bar(np.arange(len(locales)) + (i - (len(series) - 1) / 2) * width, values, width,
                    label=f"{task} error, {encoder} encoder, {setting}")
-        mf.change_bar_axes(ax, locales, "relative error change (%)\n(Stage 2 vs Stage 1)", f"{sub['stage2_run'].iloc[0]} ({sub['stage2_run_id'].iloc[0][:8]})")
+        change_bar_axes(ax, locales, "relative error change (%)\n(Stage 2 vs Stage 1)", f"{sub['stage2_run'].iloc[0]} ({sub['stage2_run_id'].iloc[0][:8]})")
     fig.tight_layout()
     return fig
 
 
 def _run(args: argparse.Namespace) -> int:
-    index = mf.RunIndex.open(args)
+    index = RunIndex.open(args)
     stage2_runs = index.select(args.run_ids, [STAGE2]) if args.run_ids else index.of_stage(STAGE2)
     if not stage2_runs:
         raise AtmError(f"no finished {STAGE2} runs {index.where}; train one with "
@@ -198,17 +196,17 @@ def _run(args: argparse.Namespace) -> int:
     header = ("Stage-2 vs Stage-1 teacher on MASSIVE: relative error-rate change (err_stage2 - err_stage1) / "
               "err_stage1, negative = Stage 2 better, with 95% paired-bootstrap intervals over test utterances "
               f"(and seeds); {index.where}")
-    markdown = f"{header}\n\nAverage over the evaluated locales:\n\n{mf.format_markdown_table(avg[TABLE_COLUMNS], FORMATS)}\n"
+    markdown = f"{header}\n\nAverage over the evaluated locales:\n\n{format_markdown_table(avg[TABLE_COLUMNS], FORMATS)}\n"
     if frame["locale"].nunique() > 2:  # more than avg and one locale
         per_locale = shown[shown["locale"] != "avg"]
-        markdown += f"\nPer locale:\n\n{mf.format_markdown_table(per_locale[TABLE_COLUMNS], FORMATS)}\n"
+        markdown += f"\nPer locale:\n\n{format_markdown_table(per_locale[TABLE_COLUMNS], FORMATS)}\n"
     metrics = {}
     for _, row in frame.iterrows():  # runs are oldest first: the newest Stage-2 run's values win
         for task, _ in TASKS:
-            key = f"stage2/{row['setting']}/{row['encoder']}/{row['locale']}/{task}_rel_error_change"
-            for suffix in ("", "_lo", "_hi"):
-                metrics[key + suffix] = row[f"{task}_rel_error_change{suffix}"]
-    mf.publish(args, index, ANALYSIS_NAME, markdown,
+            column = f"{task}_rel_error_change"
+            metrics.update(interval_metrics(f"stage2/{row['setting']}/{row['encoder']}/{row['locale']}/{column}",
+                                            row, column))
+    publish(args, index, ANALYSIS_NAME, markdown,
                {"stage2_effect.md": markdown, "stage2_effect.csv": frame, "stage2_effect.png": plot(frame)},
                consumed_run_ids=used, metrics=metrics,
                params={"n_stage2_runs": frame["stage2_run_id"].nunique(), "n_pairs": len(avg)})
@@ -217,7 +215,7 @@ def _run(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """CLI entry point; returns the exit status (0 ok, 2 user error)."""
-    return mf.cli(build_parser, _run, argv)
+    return cli(build_parser, _run, argv)
 
 
 if __name__ == "__main__":

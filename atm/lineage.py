@@ -3,18 +3,19 @@
 A stage names what it consumes by role (``teacher=pretrain_stage2``, ``init=stage1``), never by path.
 :func:`resolve` turns the reference into a local checkpoint directory:
 
-* a stage name or alias (``stage1``, ``stage2``, ``intermediate``, ``final``, ``tokenizer``): compose that
-  stage's config (the same config tree, ``stage=<name>``, plus the command-line overrides whose keys start
-  with a prefix in ``lineage.inherit`` and the stage's ``lineage.overrides``), hash it, and reuse the newest
-  FINISHED run with that stage and hash; when none exists, train it first, once, under a file lock, so that
-  parallel sweep trials that need the same teacher wait for one another instead of training it twice;
+* a stage name or alias (``stage1``, ``stage2``, ``intermediate``, ``final``, ``tokenizer``; the aliases are
+  declared by the stages, :mod:`atm.stages.registry`), or the name of a stage declared outside atm whose
+  config names its module (``stage.module``): compose that stage's config (the same config tree,
+  ``stage=<name>``, plus the command-line overrides whose keys start with a prefix in ``lineage.inherit`` and
+  the stage's ``lineage.overrides``), hash it, and reuse the newest FINISHED run with that stage and hash;
+  when none exists, train it first, once, under a file lock, so that parallel sweep trials that need the same
+  teacher wait for one another instead of training it twice;
 * ``runs:/<run_id>``: that run's checkpoint;
 * a path to a checkpoint directory saved with ``save_pretrained``.
 """
 
 from __future__ import annotations
 
-import fcntl
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass
@@ -25,9 +26,8 @@ from omegaconf import DictConfig
 
 from atm import tracking
 from atm.errors import AtmError
-
-ALIASES = {"stage1": "pretrain_stage1", "stage2": "pretrain_stage2", "intermediate": "distill_intermediate",
-           "final": "distill_final", "tokenizer": "train_tokenizer"}
+from atm.files import file_lock
+from atm.stages.registry import all_stages, canonical_name, stage_of
 
 
 @dataclass(frozen=True)
@@ -44,11 +44,6 @@ class Input:
     def identity(self) -> str:
         """What this input contributes to its consumer's config hash: the run's hash, or the path."""
         return self.config_hash or str(self.path.resolve())
-
-
-def canonical_stage(name: str) -> str:
-    """The stage name for ``name`` or one of its aliases (``stage2`` -> ``pretrain_stage2``)."""
-    return ALIASES.get(name, name)
 
 
 def inherited_overrides(cfg: DictConfig) -> list[str]:
@@ -69,15 +64,28 @@ def inherited_overrides(cfg: DictConfig) -> list[str]:
 
 
 def compose_stage(stage: str, overrides: list[str]) -> DictConfig:
-    """Compose the config tree for ``stage=<stage>`` with ``overrides`` (inside or outside a Hydra app)."""
+    """Compose the config tree for ``stage=<stage>`` with ``overrides`` (inside or outside a Hydra app; inside
+    one, on the job's config search path: its ``hydra.searchpath`` override is passed on, so that a stage
+    declared outside atm is found there)."""
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 
     args = [f"stage={stage}", *overrides]
     if GlobalHydra.instance().is_initialized():
-        return compose(config_name="config", overrides=args)
+        return compose(config_name="config", overrides=[*args, *_search_path_overrides()])
     with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
         return compose(config_name="config", overrides=args)
+
+
+def _search_path_overrides() -> list[str]:
+    """The ``hydra.searchpath`` override of the running Hydra job (none outside a job)."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        hydra_overrides = list(HydraConfig.get().overrides.hydra)
+    except ValueError:  # not inside a Hydra job
+        return []
+    return [item for item in hydra_overrides if item.split("=", 1)[0].lstrip("+~") == "hydra.searchpath"]
 
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
@@ -95,14 +103,8 @@ def _lock(cfg: DictConfig, name: str) -> Iterator[None]:
         with storage_lock(str(storage), f"atm/lineage/{name}"):
             yield
         return
-    path = Path(cfg.tracking.cache_dir) / "locks" / f"{name}.lock"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+    with file_lock(Path(cfg.tracking.cache_dir) / "locks" / f"{name}.lock"):
+        yield
 
 
 Trainer = Callable[[DictConfig, "dict[str, Input]", str], str]
@@ -125,9 +127,7 @@ def resolve_inputs(cfg: DictConfig, experiment_id: str, train: Trainer) -> dict[
 
 def run_hash(cfg: DictConfig, inputs: dict[str, Input]) -> str:
     """The config hash of a run of ``cfg`` over resolved ``inputs`` (see :func:`atm.tracking.config_hash`)."""
-    from atm.stages import get_stage
-
-    return tracking.config_hash(cfg, get_stage(cfg.stage.name).hashed_keys(cfg),
+    return tracking.config_hash(cfg, stage_of(cfg).hashed_keys(cfg),
                                 {role: inp.identity for role, inp in inputs.items()})
 
 
@@ -143,8 +143,6 @@ def resolve(role: str, cfg: DictConfig, experiment_id: str, train: Trainer) -> I
         AtmError: the reference is unset, names no stage, run or path, or the stage has no finished run
             and ``lineage.train_missing`` is false.
     """
-    from atm.stages import STAGES
-
     ref = cfg.get(role)
     if ref is None or str(ref) == "":
         raise AtmError(f"input '{role}' of stage {cfg.stage.name} is not set (give {role}=<stage|runs:/id|path>)")
@@ -152,14 +150,18 @@ def resolve(role: str, cfg: DictConfig, experiment_id: str, train: Trainer) -> I
     if ref.startswith("runs:/"):
         run_id = ref[len("runs:/"):].strip("/")
         return _from_run(role, run_id, cfg)
-    stage = canonical_stage(ref)
-    if stage not in STAGES:
+    stage = canonical_name(ref)
+    if stage in all_stages():
+        sub_cfg = compose_stage(stage, _input_overrides(cfg, stage))
+    else:
         path = Path(ref).expanduser()
         if path.is_dir():
             return Input(role, path)
-        raise AtmError(f"{role}={ref!r} is neither a stage ({', '.join(sorted(STAGES))}), a run (runs:/<id>) "
-                       f"nor an existing checkpoint directory")
-    sub_cfg = compose_stage(stage, inherited_overrides(cfg) + list(cfg.lineage.overrides.get(stage, [])))
+        sub_cfg = _declared_elsewhere(cfg, ref)
+        if sub_cfg is None:
+            raise AtmError(f"{role}={ref!r} is neither a stage ({', '.join(sorted(all_stages()))}), a run "
+                           f"(runs:/<id>) nor an existing checkpoint directory")
+        stage = stage_of(sub_cfg).name
     sub_inputs = resolve_inputs(sub_cfg, experiment_id, train)
     hash_ = run_hash(sub_cfg, sub_inputs)
     run_id = tracking.find_finished_run(experiment_id, stage, hash_)
@@ -172,16 +174,30 @@ def resolve(role: str, cfg: DictConfig, experiment_id: str, train: Trainer) -> I
     return _from_run(role, run_id, cfg)
 
 
+def _input_overrides(cfg: DictConfig, stage: str) -> list[str]:
+    """The overrides of an input of ``stage``: the inherited command-line ones, then ``lineage.overrides``."""
+    return inherited_overrides(cfg) + list(cfg.lineage.overrides.get(stage, []))
+
+
+def _declared_elsewhere(cfg: DictConfig, ref: str) -> DictConfig | None:
+    """The composed config of ``stage=<ref>`` when ``ref`` is a stage declared outside atm (its config file
+    names ``stage.module``), else None."""
+    try:
+        sub_cfg = compose_stage(ref, _input_overrides(cfg, ref))
+    except Exception:  # no conf/stage/<ref>.yaml on the search path (Hydra's MissingConfigException, ...)
+        return None
+    return sub_cfg if sub_cfg.stage.get("module") else None
+
+
 def _from_run(role: str, run_id: str, cfg: DictConfig) -> Input:
     from mlflow.tracking import MlflowClient
-
-    from atm.stages import STAGES
 
     try:
         run = MlflowClient().get_run(run_id)
     except Exception as err:
         raise AtmError(f"{role}=runs:/{run_id}: no such MLflow run at {tracking.tracking_uri(cfg)}") from err
     stage = run.data.tags.get(tracking.TAG_STAGE)
-    artifact = STAGES[stage].artifact if stage in STAGES else tracking.CHECKPOINT
+    stages = all_stages()
+    artifact = stages[stage].artifact if stage in stages else tracking.CHECKPOINT
     return Input(role, tracking.download(run_id, artifact, cfg.tracking.cache_dir), run_id, stage,
                  run.data.tags.get(tracking.TAG_HASH))

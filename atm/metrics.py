@@ -317,21 +317,13 @@ def slot_precision_recall_f1(
     return float(p), float(r), float(f)
 
 
-def slot_f1(
-    pred_tags: Sequence[Sequence[str]],
-    gold_tags: Sequence[Sequence[str]],
-    *,
-    zero_division: int = 0,
-    strict: bool = False,
-    outside: str | None = None,
-) -> float:
+def slot_f1(pred_tags: Sequence[Sequence[str]], gold_tags: Sequence[Sequence[str]], **options: Any) -> float:
     """Slot-filling micro-F1 over BIO tags, ``seqeval.metrics.f1_score`` (MASSIVE's slot metric).
 
-    See :func:`slot_precision_recall_f1` for the arguments; returns a float in ``[0, 1]``.
+    ``options``: the keyword arguments of :func:`slot_precision_recall_f1` (``zero_division``, ``strict``,
+    ``outside``); returns a float in ``[0, 1]``.
     """
-    return slot_precision_recall_f1(
-        pred_tags, gold_tags, zero_division=zero_division, strict=strict, outside=outside
-    )[2]
+    return slot_precision_recall_f1(pred_tags, gold_tags, **options)[2]
 
 
 def slot_types(tags: Sequence[str]) -> list[str]:

@@ -20,7 +20,6 @@ import json
 import os
 import re
 import shutil
-import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator, Mapping
@@ -28,6 +27,7 @@ from typing import Any, Iterator, Mapping
 from omegaconf import DictConfig, OmegaConf
 
 from atm.errors import AtmError
+from atm.files import atomic_dir
 
 DEFAULT_URI = "sqlite:///mlflow.db"
 TAG_STAGE = "atm.stage"
@@ -293,8 +293,9 @@ def log_checkpoint(local_dir: Path, artifact_path: str = CHECKPOINT) -> None:
 def download(run_id: str, artifact_path: str, cache_dir: str | Path) -> Path:
     """Download (once) an artifact directory of a run into ``cache_dir/<run_id>/<artifact_path>``.
 
-    The copy is made in a temporary directory and renamed, so an interrupted download leaves nothing; when
-    another process (a parallel sweep worker) renamed its copy first, that one is used.
+    The copy is made in a temporary directory and renamed (:func:`atm.files.atomic_dir`), so an interrupted
+    download leaves nothing; when another process (a parallel sweep worker) renamed its copy first, that one is
+    used.
 
     Raises:
         AtmError: the run or the artifact does not exist.
@@ -304,21 +305,31 @@ def download(run_id: str, artifact_path: str, cache_dir: str | Path) -> Path:
     target = Path(cache_dir) / run_id / artifact_path
     if target.exists():
         return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".download-"))
     try:
-        local = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=artifact_path, dst_path=str(tmp))
-        try:
-            os.replace(local, target)
-        except OSError:
-            if not target.is_dir():
-                raise
+        with atomic_dir(target, replace=False) as tmp:
+            staging = tmp / ".download"
+            staging.mkdir()
+            local = Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=artifact_path,
+                                                             dst_path=str(staging)))
+            for child in local.iterdir():
+                os.replace(child, tmp / child.name)
+            shutil.rmtree(staging)
     except Exception as err:
         raise AtmError(f"cannot download artifact '{artifact_path}' of run {run_id}: "
                        f"{str(err).splitlines()[0]}") from err
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return target
+
+
+def log_table(rows: list[dict], artifact: str, floatfmt: str = ".4f") -> None:
+    """Log ``rows`` as ``<artifact>.csv`` and a markdown ``<artifact>.md`` to the active MLflow run (integers
+    stay integers, missing cells are blank in the markdown)."""
+    import mlflow
+    import pandas as pd
+
+    frame = pd.DataFrame(rows)
+    mlflow.log_text(frame.to_csv(index=False), f"{artifact}.csv")
+    cells = frame.astype(object).where(frame.notna(), None)
+    mlflow.log_text(cells.to_markdown(index=False, floatfmt=floatfmt, missingval="") + "\n", f"{artifact}.md")
 
 
 def list_checkpoints(run_id: str) -> list[tuple[int, str]]:

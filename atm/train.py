@@ -8,91 +8,39 @@ objective metric (``stage.objective``), which the Optuna sweeper optimises. A ba
 
 from __future__ import annotations
 
+import importlib.resources
 import logging
-import os
-import random
 import sys
 from pathlib import Path
 
 import hydra
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
-from atm import lineage, sweeps, tracking
+from atm import sweeps
 from atm.engine import deepspeed as distributed
 from atm.errors import AtmError
-from atm.lineage import Input
-from atm.stages import get_stage
+from atm.lineage import CONF_DIR, Input
+from atm.run import RunLifecycle
+from atm.stages.registry import all_stages, canonical_name, get_stage, import_stage_module
 
 log = logging.getLogger("atm")
 
 
-def seed_everything(seed: int) -> None:
-    """Seed Python, NumPy and torch RNGs."""
-    import numpy as np
-    import torch
-
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
-
-def _data_environment(cfg: DictConfig) -> None:
-    """Export ``data.mirror``/``data.dir`` as ``ATM_DATA_MIRROR``/``ATM_DATA_DIR`` for :mod:`atm.data`."""
-    for key, env in (("mirror", "ATM_DATA_MIRROR"), ("dir", "ATM_DATA_DIR")):
-        value = cfg.data.get(key)
-        if value:
-            path = Path(value).expanduser().resolve()
-            if key == "mirror" and not path.is_dir():
-                raise AtmError(f"data.mirror={value}: data directory does not exist")
-            os.environ[env] = str(path)
-
-
 def execute(cfg: DictConfig, inputs: dict[str, Input] | None = None,
             hash_: str | None = None) -> tuple[str, dict[str, float]]:
-    """Run ``cfg``'s stage in a new MLflow run; return ``(run_id, final metrics)``.
+    """Run ``cfg``'s stage in a new (or resumed) MLflow run; return ``(run_id, final metrics)``.
 
-    ``inputs``/``hash_`` are given when lineage trains this stage as another stage's input.
+    ``inputs``/``hash_`` are given when lineage trains this stage as another stage's input. The phases are
+    those of :class:`atm.run.RunLifecycle`.
 
     Raises:
         AtmError: unknown stage, unresolvable input, bad data, missing objective metric.
     """
-    stage = get_stage(cfg.stage.name)
-    stage.validate(cfg)
-    if cfg.get("trainer") is not None:
-        from atm.engine.loop import check_trainer
-
-        check_trainer(cfg.trainer)
-    experiment_id = tracking.configure(cfg)
-    _data_environment(cfg)
-    rank = distributed.init_distributed()[0] if distributed.world()[1] > 1 else 0
-    if inputs is None:
-        with distributed.rank_zero_first():  # rank 0 resolves first; the other ranks then find its runs
-            inputs = lineage.resolve_inputs(cfg, experiment_id, _train_input)
-        hash_ = lineage.run_hash(cfg, inputs)
-    from atm.engine.state import resumable_run
-
-    resume_id = resumable_run(cfg, experiment_id, stage.name, hash_) if rank == 0 else None
-    if resume_id:
-        log.info("stage %s: resuming run %s from its training state", stage.name, resume_id)
-    parent, tags = None, {}
-    if cfg.get("optuna"):
-        parent = tracking.sweep_parent(experiment_id, cfg.optuna.study_name, cfg.optuna.get("storage"))
-        tags = {tracking.TAG_SWEEP: cfg.optuna.study_name, tracking.TAG_TRIAL: str(cfg.optuna.trial_number)}
-    with (tracking.start_run(cfg, hash_, {r: i.run_id for r, i in inputs.items()}, parent, tags, run_id=resume_id)
-          if rank == 0 else distributed.follower_run()) as run:
-        seed_everything(cfg.seed)
-        log.info("stage %s: run %s (%s)", stage.name, run.info.run_id, tracking.run_name(cfg))
-        if rank == 0:
-            sweeps.attach(cfg, run.info.run_id)
-        try:
-            metrics = stage.run(cfg, inputs)
-        except BaseException as err:
-            sweeps.end_if_pruned(err)  # a pruned trial: run KILLED + atm.trial_state=PRUNED, metrics kept
-            raise
-    if parent and rank == 0:
-        names = sweeps.objective_names(cfg)
-        tracking.record_trial(parent, int(cfg.optuna.trial_number), run.info.run_id,
-                              metrics.get(names[0]) if len(names) == 1 else tuple(metrics.get(n) for n in names))
+    life = RunLifecycle.prepare(cfg)  # stage, config checks, tracking, data directories, ranks
+    life.resolve_inputs(_train_input, inputs, hash_)  # lineage: trains missing inputs through execute
+    with life.open() as run:  # resumed or new run, nested in the sweep's parent in a sweep
+        metrics = life.run_stage(run)
+    life.record_trial(run.info.run_id, metrics)
     return run.info.run_id, metrics
 
 
@@ -135,13 +83,17 @@ def main(cfg: DictConfig) -> float:
 def normalise_argv(argv: list[str]) -> list[str]:
     """Expand stage aliases (``stage=stage2``) and reject an unknown ``stage=`` with one line, before
     Hydra would print its multi-line listing; likewise an override Hydra cannot parse (``x=choice()``,
-    an empty sweep). ``-m``/``--multirun`` moves to the front (Python's argparse rejects overrides on both
-    sides of it: ``+sweep=x -m a=b``). Raises AtmError."""
+    an empty sweep). A stage declared outside atm is known by its config file ``stage/<name>.yaml`` on the
+    search path (``hydra.searchpath=[file://...]``), whose ``stage.module`` is imported here.
+    ``-m``/``--multirun`` moves to the front (Python's argparse rejects overrides on both sides of it:
+    ``+sweep=x -m a=b``). Raises AtmError."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
     parser = OverridesParser.create()
     flags = [a for a in argv if a in ("-m", "--multirun")]
     out = flags[:1]
+    search = [CONF_DIR, *(d for a in argv if a.startswith(("hydra.searchpath=", "+hydra.searchpath="))
+                          for d in _search_dirs(parser, a))]
     for arg in (a for a in argv if a not in flags):
         if arg.startswith("~") or ("=" in arg and not arg.startswith("-")):  # an override, not an option value
             try:
@@ -150,12 +102,48 @@ def normalise_argv(argv: list[str]) -> list[str]:
                 lines = [ln for ln in str(err).splitlines() if ln.strip()]
                 raise AtmError(f"cannot parse override {arg!r}: {lines[1] if len(lines) > 1 else lines[0]}") from None
         if arg.startswith("stage=") and "(" not in arg:
-            names = [lineage.canonical_stage(n) for n in arg[len("stage="):].split(",")]
-            for name in names:
-                get_stage(name)
-            arg = "stage=" + ",".join(names)
+            arg = "stage=" + ",".join(_known_stage(name, search) for name in arg[len("stage="):].split(","))
         out.append(arg)
     return out
+
+
+def _search_dirs(parser, arg: str) -> list[Path]:
+    """The directories of a ``hydra.searchpath=[...]`` override's ``file://<dir>`` and ``pkg://<package>``
+    entries (none when it does not parse: the main loop reports that)."""
+    try:
+        entries = parser.parse_override(arg).value()
+    except Exception:
+        return []
+    return [d for d in map(_search_dir, entries if isinstance(entries, list) else [entries]) if d is not None]
+
+
+def _search_dir(entry: str) -> Path | None:
+    """The directory of a Hydra search path entry (``file://<dir>`` or ``pkg://<package>``), if it has one."""
+    entry = str(entry)
+    if entry.startswith("file://"):
+        return Path(entry[len("file://"):])
+    if entry.startswith("pkg://"):
+        try:
+            return Path(str(importlib.resources.files(entry[len("pkg://"):].replace("/", "."))))
+        except (ImportError, TypeError):
+            return None
+    return None
+
+
+def _known_stage(name: str, search: list[Path]) -> str:
+    """The stage name of ``name`` (an alias expanded). A name unknown to the registry is looked up as
+    ``stage/<name>.yaml`` in the ``search`` directories, and the module it names (``stage.module``) imported.
+
+    Raises:
+        AtmError: an unknown stage (naming the known ones).
+    """
+    if canonical_name(name) not in all_stages():
+        for conf in search:
+            path = conf / "stage" / f"{name}.yaml"
+            if path.is_file():
+                import_stage_module(OmegaConf.load(path).get("stage"))
+                break
+    return get_stage(name).name
 
 
 if __name__ == "__main__":

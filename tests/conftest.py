@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -63,3 +64,13 @@ def trained_store(tmp_path_factory, env: dict[str, str], name: str, args: list[s
     result = atm_train(args, cwd, env)
     assert result.returncode == 0, result.stderr[-3000:]
     return cwd
+
+
+def mlflow_store(root: Path, experiment: str = "atm") -> tuple[str, Any, str]:
+    """A throw-away SQLite MLflow store ``<root>/mlflow.db`` with one empty experiment (artifacts under
+    ``<root>/artifacts``); returns ``(tracking URI, MlflowClient, experiment id)``."""
+    from mlflow import MlflowClient
+
+    uri = f"sqlite:///{root / 'mlflow.db'}"
+    client = MlflowClient(tracking_uri=uri)
+    return uri, client, client.create_experiment(experiment, artifact_location=(root / "artifacts").as_uri())

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import TINY, atm_train
+from conftest import TINY, atm_train, mlflow_store
 from mlflow import MlflowClient
 from mlflow.entities import Metric, Param
 from scipy import stats
@@ -70,9 +70,7 @@ def store(tmp_path_factory, real_data_env):
     ratios from :func:`rule` plus small noise; one unfinished run and one untagged run (skipped). Experiment
     'two': only 2 datasets. Data cache: the real mirror."""
     root = tmp_path_factory.mktemp("autodistiller")
-    uri = f"sqlite:///{root / 'mlflow.db'}"
-    client = MlflowClient(tracking_uri=uri)
-    exp = client.create_experiment("atm", artifact_location=(root / "artifacts").as_uri())
+    uri, client, exp = mlflow_store(root)
     rng = np.random.default_rng(0)
     truth = {}
     ids = []

@@ -17,6 +17,7 @@ from atm.data.ud import pud_sentences
 from atm.errors import AtmError
 from atm.lineage import compose_stage
 from atm.models import load_mlm
+from atm.probes.perplexity import mlm_perplexity
 from atm.stages import evaluate as E
 
 SEQ = 32
@@ -148,9 +149,9 @@ def test_evaluate_cli_per_language_metrics_and_tables(tmp_path, data_env, real_d
 
     tokenizer, model = load_tokenizer(encoder_dir), load_mlm(encoder_dir).eval()
     pud_en = [s.text for s in pud_sentences("en")[:5]]
-    assert m["eval/perplexity/written/en"] == pytest.approx(E.mlm_perplexity(model, tokenizer, pud_en, 32), rel=1e-5)
+    assert m["eval/perplexity/written/en"] == pytest.approx(mlm_perplexity(model, tokenizer, pud_en, 32), rel=1e-5)
     fr = [ex.utt for ex in read_massive(["fr-FR"], ["test"])[:5]]
-    assert m["eval/perplexity/spoken/fr-FR"] == pytest.approx(E.mlm_perplexity(model, tokenizer, fr, 32), rel=1e-5)
+    assert m["eval/perplexity/spoken/fr-FR"] == pytest.approx(mlm_perplexity(model, tokenizer, fr, 32), rel=1e-5)
     slots = E.word_mask_fill(model, tokenizer, E.slot_probes(read_massive(["de-DE"], ["test"])[:4]), 32)
     assert m["eval/mask_fill/spoken/de-DE/slot_accuracy"] == m["eval/mask_fill/spoken/slot_accuracy"] == slots
     assert {"eval/perplexity/written", "eval/perplexity/spoken", "eval/perplexity/written/de",

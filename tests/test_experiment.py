@@ -18,6 +18,7 @@ from atm.lineage import compose_stage
 from atm.models.encoder import count_parameters, load_preset
 from atm.stages import finetune as F
 from atm.stages import get_stage
+from atm.tasks.massive import SCORES
 
 CONF = REPO / "conf"
 JOBS_KEY = "experiment/alexatm_mini_jobs@_global_"
@@ -206,7 +207,7 @@ def test_tiny_multirun_of_two_jobs_then_the_ablation_sweep(tmp_path: Path, data_
     assert student_ft.data.tags["atm.baseline_run_id"] == teacher_ft.info.run_id
     assert student_ft.data.tags["atm.input.encoder"] == runs["distill_final"][0].info.run_id
     for locale in ["en-US", "avg"]:  # the experiment's full setting: en-US
-        for score in F.SCORES:
+        for score in SCORES:
             key = f"compare/massive/{locale}/{score}_rel_error_change"
             s, b = student_ft.data.metrics[f"eval/massive/{locale}/{score}"], teacher_ft.data.metrics[
                 f"eval/massive/{locale}/{score}"]

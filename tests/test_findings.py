@@ -24,12 +24,14 @@ import pandas as pd
 import pytest
 
 mlflow = pytest.importorskip("mlflow")
-from mlflow import MlflowClient
+from conftest import mlflow_store
 from mlflow.entities import Metric, Param
 
 from analysis import _examples as examples
+from analysis._store import RunIndex
 from atm import metrics as M
 from atm import stats
+from atm.tracking import TAG_TRIAL
 
 REPO = Path(__file__).resolve().parent.parent
 LOCALES = ("en-US", "de-DE")
@@ -161,9 +163,7 @@ def _checkpoints(rng, scale: float, degenerate_steps=(0,)):
 @pytest.fixture(scope="module")
 def store(tmp_path_factory):
     root = tmp_path_factory.mktemp("findings")
-    uri = f"sqlite:///{root / 'mlflow.db'}"
-    client = MlflowClient(tracking_uri=uri)
-    exp = client.create_experiment("atm", artifact_location=(root / "artifacts").as_uri())
+    uri, client, exp = mlflow_store(root)
     rng = np.random.default_rng(11)
     ids = {}
     sizes = {"S": 1e5, "L": 8e5}
@@ -198,7 +198,7 @@ def store(tmp_path_factory):
                              {"stage.objective": "eval/perplexity/spoken", "distill.logit.loss": logit,
                               "distill.intermediate.loss": inter},
                              {"atm.sweep": "alexatm_mini_ablation", "mlflow.parentRunId": parent,
-                              "atm.trial": str(trial)},
+                              TAG_TRIAL: str(trial)},
                              {"eval/perplexity/spoken": base + shift + rng.normal(0, 0.3)})
             client.set_terminated(run_id)
             trial += 1
@@ -218,7 +218,7 @@ def store(tmp_path_factory):
 
 def _findings(store, experiment="atm"):
     findings = _load("findings")
-    index = findings.mf.RunIndex(store["client"], store["client"].get_experiment_by_name(experiment), store["uri"])
+    index = RunIndex(store["client"], store["client"].get_experiment_by_name(experiment), store["uri"])
     return findings.findings_frame(findings.Context(index)).set_index("finding")
 
 

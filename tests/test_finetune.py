@@ -21,7 +21,7 @@ from atm.data.massive import MassiveExample, intent_labels, parse_annot_utt, slo
 from atm.engine.loop import StopTraining, fit
 from atm.errors import AtmError
 from atm.lineage import compose_stage
-from atm.models import JointIntentSlotModel, build_mlm, load_preset, save_checkpoint
+from atm.models import JointIntentSlotModel, build_mlm, load_checkpoint, load_preset, save_checkpoint
 from atm.models.heads import word_predictions
 from atm.stages import finetune as F
 from atm.tasks import massive as T
@@ -59,7 +59,7 @@ def test_slot_spans_across_sub_tokens_are_scored_on_first_sub_tokens():
     slots = ["O", "B-time", "I-time"]
     # "seven" and "five" are not in the vocabulary: each splits into several sub-tokens
     examples = [_example("me at [time : seven am]"), _example("[time : five] me")]
-    encoded = F.encode(hand, examples, ["alarm_set", "x"], slots, max_seq_len=32)
+    encoded = T.encode(hand, examples, ["alarm_set", "x"], slots, max_seq_len=32)
     first = encoded[0]
     assert hand.convert_ids_to_tokens(first["input_ids"]) == ["<s>", "▁me", "▁at", "▁", "s", "e", "v", "e", "n",
                                                              "▁am", "</s>"]
@@ -73,7 +73,7 @@ def test_slot_spans_across_sub_tokens_are_scored_on_first_sub_tokens():
     row1 = [0, 2, 1, 1, 1, 1, 0, 0]
     tags = [[slots[i] for i in word_predictions(item["word_ids"], row)] for item, row in zip(encoded, (row0, row1))]
     assert tags == [["O", "O", "B-time", "I-time"], ["I-time", "O"]]
-    scores = F.score_predictions(["alarm_set", "x"], tags, examples)
+    scores = T.score_predictions(["alarm_set", "x"], tags, examples)
     gold = [list(ex.slot_tags) for ex in examples]
     assert scores["slot_f1"] == 1.0 == f1_score(gold, tags)  # both spans right (lenient IOB, as MASSIVE)
     # utterance 0 is an exact match; utterance 1 has the wrong intent (its I-time for gold B-time is the same
@@ -81,14 +81,14 @@ def test_slot_spans_across_sub_tokens_are_scored_on_first_sub_tokens():
     assert scores["intent_accuracy"] == 0.5 and scores["exact_match"] == 0.5
     assert scores["intent_accuracy_se"] == scores["exact_match_se"] == pytest.approx(math.sqrt(0.5 * 0.5 / 2))
     assert scores["slot_f1_se"] == 0.0
-    assert F.score_predictions(["alarm_set", "alarm_set"], tags, examples)["exact_match"] == 1.0
+    assert T.score_predictions(["alarm_set", "alarm_set"], tags, examples)["exact_match"] == 1.0
 
 
 def test_scores_with_empty_and_all_o_utterances():
     examples = [_example("me at five"), _example("[time : five am]"),
                 MassiveExample("2", "en-US", "test", "alarm", "alarm_set", "", (), ())]
     pred_tags = [["O", "O", "O"], ["B-time", "O"], []]
-    scores = F.score_predictions(["alarm_set", "alarm_set", "alarm_set"], pred_tags, examples)
+    scores = T.score_predictions(["alarm_set", "alarm_set", "alarm_set"], pred_tags, examples)
     # one gold span, one predicted span with the wrong boundary: F1 0; exact match: utterances 0 and 2
     assert scores["slot_f1"] == 0.0
     assert scores["exact_match"] == pytest.approx(2 / 3)
@@ -99,7 +99,7 @@ def test_scores_with_empty_and_all_o_utterances():
 def test_slot_f1_standard_error_counts_words_not_utterances():
     examples = [_example("wake me at [time : five am]"), _example("[date : today] at [time : five]")]
     pred_tags = [["O", "O", "O", "B-time", "I-time"], ["B-date", "O", "O"]]
-    scores = F.score_predictions(["alarm_set"] * 2, pred_tags, examples)
+    scores = T.score_predictions(["alarm_set"] * 2, pred_tags, examples)
     # gold spans: time, date, time; predicted: time, date -> P 1, R 2/3, F1 0.8; n = 5 + 3 words (official scorer)
     assert scores["slot_f1"] == pytest.approx(0.8) == f1_score([list(e.slot_tags) for e in examples], pred_tags)
     assert scores["slot_f1_se"] == pytest.approx(math.sqrt(0.8 * 0.2 / 8))
@@ -120,7 +120,7 @@ def _tiny_joint(encoder_dir, constant_slot: str | None = None):
 def test_a_word_without_sub_token_is_predicted_o(real_data_env, tok, encoder_dir):  # noqa: F811
     # real test utterances with a lone zero-width space as a word: my-MM 6243 (between a date and an event
     # name) and zh-CN 14509 (two of them); the tokenizer gives those words no token
-    by_id = {(ex.locale, ex.id): ex for loc, items in F.read_locales(["my-MM", "zh-CN"], "test", "k").items()
+    by_id = {(ex.locale, ex.id): ex for loc, items in T.read_locales(["my-MM", "zh-CN"], "test", "k").items()
              for ex in items}
     examples = [by_id[("my-MM", "6243")], by_id[("zh-CN", "14509")]]
     assert examples[0].words[2] == "\u200b" and examples[1].words[6:8] == ("\u200b", "\u200b")
@@ -139,7 +139,7 @@ def test_a_word_without_sub_token_is_predicted_o(real_data_env, tok, encoder_dir
 
 
 def test_prediction_is_in_input_order_and_independent_of_bucketing(real_data_env, tok, encoder_dir):  # noqa: F811
-    examples = F.eval_examples(compose_stage("finetune", ["finetune.max_eval_per_locale=40"]).finetune)["en-US"]
+    examples = T.eval_examples(compose_stage("finetune", ["finetune.max_eval_per_locale=40"]).finetune)["en-US"]
     data = T.eval_set(tok, examples, intent_labels(), slot_labels(), max_seq_len=32)
     assert data.n_words == sum(len(ex.words) for ex in examples)
     lengths = [len(item["input_ids"]) for item in data.encoded]
@@ -262,15 +262,15 @@ def test_presets_full_and_zero_shot():
 def test_eval_sample_is_the_same_utterances_in_every_locale(real_data_env):
     cfg = compose_stage("finetune", ["finetune=zero_shot", "finetune.eval_locales=[de-DE,ja-JP]",
                                      "finetune.max_eval_per_locale=50"]).finetune
-    sample = F.eval_examples(cfg)
+    sample = T.eval_examples(cfg)
     ids = [ex.id for ex in sample["de-DE"]]
     assert ids == [ex.id for ex in sample["ja-JP"]] and len(set(ids)) == 50
-    first = [ex.id for ex in F.read_locales(["de-DE"], "test", "key")["de-DE"][:50]]
+    first = [ex.id for ex in T.read_locales(["de-DE"], "test", "key")["de-DE"][:50]]
     assert ids == sorted(ids, key=int) and ids != first  # file order (ids ascend), not the first 50 lines
     with pytest.raises(AtmError, match="finetune.max_eval_per_locale=0: must be at least 1"):
-        F.eval_examples(compose_stage("finetune", ["finetune.max_eval_per_locale=0"]).finetune)
+        T.eval_examples(compose_stage("finetune", ["finetune.max_eval_per_locale=0"]).finetune)
     # null: the whole test split
-    whole = F.eval_examples(compose_stage("finetune", ["finetune.max_eval_per_locale=null"]).finetune)
+    whole = T.eval_examples(compose_stage("finetune", ["finetune.max_eval_per_locale=null"]).finetune)
     assert len(whole["en-US"]) == 2974
 
 
@@ -280,7 +280,7 @@ def test_load_encoder_rejects_special_token_mismatch(tok, tmp_path):  # noqa: F8
     path = save_checkpoint(model, tok, tmp_path / "bad_eos")
     with pytest.raises(AtmError, match=rf"{path}: tokenizer/model mismatch: tokenizer eos_token_id=2 but the "
                                        r"model's config has eos_token_id=5"):
-        F.load_encoder(path)
+        load_checkpoint(path)
 
 
 # ------------------------------------------------------------------------------------------ CLI
@@ -366,7 +366,7 @@ def test_full_data_run_scores_agree_with_its_predictions(store):
         per = M.massive_example_scores([r["pred_intent"] for r in rows], [r["intent"] for r in rows],
                                        [r["pred_slots"] for r in rows], [r["slots"] for r in rows])
         assert per[:, 1].mean() == pytest.approx(m[f"eval/massive/{locale}/exact_match"], abs=1e-12)
-    for score in F.SCORES:
+    for score in T.SCORES:
         assert m[f"eval/massive/avg/{score}"] == pytest.approx(
             (m[f"eval/massive/en-US/{score}"] + m[f"eval/massive/de-DE/{score}"]) / 2)
     table = _artifact(store, run.info.run_id, "evaluation/massive.md")
@@ -403,7 +403,7 @@ def test_seeds_give_per_seed_scores_a_mean_and_an_interval_across_seeds(store):
         assert [r["id"] for r in rows[:N_EVAL]] == [r["id"] for r in rows[N_EVAL:]]
         assert set(rows[0]) == {"seed", "id", "utt", "intent", "pred_intent", "slots", "pred_slots"}
         assert rows[:N_EVAL] != rows[N_EVAL:]  # two different models
-        for score in F.SCORES:
+        for score in T.SCORES:
             key = f"eval/massive/{locale}/{score}"
             values = [_official_scores([r for r in rows if r["seed"] == s])[score] for s in (0, 1)]
             assert [m[f"{key}/seed_{s}"] for s in (0, 1)] == pytest.approx(values, abs=1e-12)
@@ -412,7 +412,7 @@ def test_seeds_give_per_seed_scores_a_mean_and_an_interval_across_seeds(store):
             half = stats.t.ppf(0.975, 1) * np.std(values, ddof=1) / math.sqrt(2)
             assert (m[f"{key}_lo"], m[f"{key}_hi"]) == pytest.approx((m[key] - half, m[key] + half), abs=1e-9)
             assert m[f"{key}_lo"] <= m[key] <= m[f"{key}_hi"]
-    for score in F.SCORES:
+    for score in T.SCORES:
         per_seed = [m[f"eval/massive/avg/{score}/seed_{s}"] for s in (0, 1)]
         assert m[f"eval/massive/avg/{score}"] == pytest.approx(np.mean(per_seed))
         assert m[f"eval/massive/avg/{score}_lo"] <= m[f"eval/massive/avg/{score}"] <= m[f"eval/massive/avg/{score}_hi"]
@@ -432,7 +432,7 @@ def test_early_stopping_run_logs_the_dev_curve_and_tests_the_best_step(store):
         assert int(m[step_key]) in (m[f"finetune/best_step/seed_{seed}"] + 2, 6)
     assert m["finetune/best_step"] == m["finetune/best_step/seed_0"]
     dev_keys = {k for k in m if k.startswith("dev/massive/") and "/seed_" not in k}
-    assert dev_keys == {f"dev/massive/{loc}/{s}" for loc in ("en-US", "avg") for s in F.SCORES}
+    assert dev_keys == {f"dev/massive/{loc}/{s}" for loc in ("en-US", "avg") for s in T.SCORES}
 
 
 def test_relative_error_change_against_the_baseline_run(store):

@@ -13,7 +13,8 @@ import torch
 from optuna.trial import TrialState
 
 from atm.sweeps.locks import storage_lock
-from hydra_plugins.atm_optuna_sweeper._impl import AtmOptunaSweeperImpl, SweepError, make_pruner
+from atm.sweeps.pruners import SweepError, make_pruner
+from hydra_plugins.atm_optuna_sweeper._sweeper import AtmOptunaSweeperImpl
 
 PG = "postgresql+psycopg2://postgres@127.0.0.1:5432/test"
 optuna.logging.set_verbosity(optuna.logging.WARNING)

@@ -263,7 +263,7 @@ def test_search_space_parsing():
     from optuna.distributions import FloatDistribution as F
     from optuna.distributions import IntDistribution as I
 
-    from hydra_plugins.atm_optuna_sweeper._impl import parse_search_space
+    from hydra_plugins.atm_optuna_sweeper._space import parse_search_space
 
     lines = {
         "distill.logit_loss": ("choice(soft_ce, kl, mse)", C(["soft_ce", "kl", "mse"])),
@@ -288,7 +288,7 @@ def test_search_space_parsing():
 
 
 def test_objective_values():
-    from hydra_plugins.atm_optuna_sweeper._impl import _objective_values
+    from hydra_plugins.atm_optuna_sweeper._sweeper import _objective_values
 
     assert _objective_values(1, 1) == ([1.0], "")
     assert _objective_values((1.0, 2.0), 2) == ([1.0, 2.0], "")
@@ -299,7 +299,7 @@ def test_objective_values():
 
 
 def test_condition_matching():
-    from hydra_plugins.atm_optuna_sweeper._impl import same_value
+    from hydra_plugins.atm_optuna_sweeper._space import same_value
 
     assert same_value(1, 1) and same_value(1, 1.0) and same_value("1", 1) and same_value(1, "1.0")
     assert same_value("mi_alpha", "mi_alpha") and not same_value("mi_alpha", "pkd")
@@ -328,13 +328,13 @@ DOC_PARAMS = {
 def _space(params, *arguments):
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
-    from hydra_plugins.atm_optuna_sweeper._impl import build_search_space
+    from hydra_plugins.atm_optuna_sweeper._space import build_search_space
 
     return build_search_space(params, list(arguments), OverridesParser.create())
 
 
 def test_conditional_space_define_by_run():
-    from hydra_plugins.atm_optuna_sweeper._impl import probe_assignments, sample
+    from hydra_plugins.atm_optuna_sweeper._space import probe_assignments, sample
 
     space, fixed = _space(DOC_PARAMS)
     alpha = space["distill.intermediate.options.alpha"]
@@ -372,7 +372,8 @@ def test_conditional_space_define_by_run():
 
 
 def test_conditional_space_with_command_line_overrides():
-    from hydra_plugins.atm_optuna_sweeper._impl import AtmOptunaSweeperImpl, SweepError
+    from atm.sweeps.pruners import SweepError
+    from hydra_plugins.atm_optuna_sweeper._sweeper import AtmOptunaSweeperImpl
 
     alpha = "distill.intermediate.options.alpha"
     # a command-line sweep replaces the space but keeps the condition (and the position)

@@ -10,14 +10,13 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
 import pickle
-import tempfile
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import TypeVar
 
 from atm.data.fetch import data_dir
+from atm.files import atomic_path
 
 log = logging.getLogger(__name__)
 
@@ -47,14 +46,8 @@ def derived(name: str, version: int, inputs: Iterable[Path], build: Callable[[],
         log.warning("ignoring unreadable derived-data file %s (%s)", path, exc)
     value = build()
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
-        try:
-            with os.fdopen(fd, "wb") as fh:
-                pickle.dump(value, fh, protocol=pickle.HIGHEST_PROTOCOL)
-            os.replace(tmp, path)
-        finally:
-            Path(tmp).unlink(missing_ok=True)
+        with atomic_path(path) as tmp, open(tmp, "wb") as fh:
+            pickle.dump(value, fh, protocol=pickle.HIGHEST_PROTOCOL)
     except OSError as exc:
         log.warning("cannot write derived-data file %s (%s)", path, exc)
     return value

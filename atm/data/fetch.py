@@ -21,7 +21,6 @@ import hashlib
 import http.client
 import logging
 import os
-import tempfile
 import urllib.error
 import urllib.request
 from collections.abc import Mapping
@@ -29,8 +28,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
-from atm.data.text import is_gzip
+from atm.data.text import _GZIP_MAGIC
 from atm.errors import AtmError
+from atm.files import atomic_path
 
 log = logging.getLogger(__name__)
 
@@ -281,31 +281,28 @@ def _download(resource: Resource, cache: Path) -> Path:
 def _store(src: IO[bytes], target: Path, sha256: str | None, *, origin: str, plain_ok: bool = False) -> Path:
     """Copy ``src`` to ``target`` through a temporary file in the same directory, verifying ``sha256``.
 
-    With ``plain_ok``, content that is not gzipped is stored without the ``.gz`` suffix of ``target``.
-    On any failure the temporary file is removed; a checksum mismatch raises :class:`AtmError`.
+    With ``plain_ok``, content that is not gzipped (no gzip magic bytes at the start) is stored without the
+    ``.gz`` suffix of ``target``. The file is renamed into place only after the checksum matched
+    (:func:`atm.files.atomic_path`); on any failure the temporary file is removed and a checksum mismatch
+    raises :class:`AtmError`.
     """
     digest = hashlib.sha256()
-    tmp: Path | None = None
-    try:
-        target.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".part", dir=target.parent)
-        tmp = Path(tmp_name)
-        with os.fdopen(fd, "wb") as out:
-            while chunk := src.read(_CHUNK):
+    chunk = src.read(_CHUNK)
+    while len(chunk) < len(_GZIP_MAGIC) and (more := src.read(_CHUNK)):  # enough bytes to see the magic
+        chunk += more
+    plain = plain_ok and target.suffix == ".gz" and not chunk.startswith(_GZIP_MAGIC)
+    stored = target.with_suffix("") if plain else target
+    with atomic_path(stored) as tmp:
+        with open(tmp, "wb") as out:
+            while chunk:
                 digest.update(chunk)
                 out.write(chunk)
+                chunk = src.read(_CHUNK)
         if sha256 and (actual := digest.hexdigest()) != sha256.lower():
             raise AtmError(
                 f"checksum mismatch for {target} from {origin}: expected sha256 {sha256}, got {actual}"
             )
-        if plain_ok and target.suffix == ".gz" and not is_gzip(tmp):
-            target = target.with_suffix("")
-        os.replace(tmp, target)
-    except BaseException:
-        if tmp is not None:
-            tmp.unlink(missing_ok=True)
-        raise
-    return target
+    return stored
 
 
 def list_available(pattern: str, *, resources: Mapping[str, Resource] | None = None) -> list[str]:

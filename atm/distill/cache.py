@@ -25,7 +25,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
@@ -34,6 +33,7 @@ import torch
 
 from atm.distill.losses import FULL_LOGIT_LOSSES
 from atm.errors import AtmError
+from atm.files import atomic_path
 
 #: Logit value for vocabulary entries outside the cached top-k (softmax weight ~ e^-1e4 = 0).
 MISSING_LOGIT = -1.0e4
@@ -46,14 +46,8 @@ def cache_key(**parts: Any) -> str:
 
 
 def _save(path: Path, array: np.ndarray) -> None:
-    handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "wb") as f:
-            np.save(f, array)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        np.save(f, array)
 
 
 def _load(path: Path) -> torch.Tensor:

@@ -67,11 +67,9 @@ def world() -> tuple[int, int]:
 def _read_user_config(path: str) -> dict:
     file = Path(path).expanduser()
     try:
-        text = file.read_text()
+        value = json.loads(file.read_text())
     except OSError as err:
         raise AtmError(f"trainer.deepspeed.config={path}: cannot read ({err.strerror})") from None
-    try:
-        value = json.loads(text)
     except json.JSONDecodeError as err:
         raise AtmError(f"{file}:{err.lineno}: not valid JSON ({err.msg})") from None
     if not isinstance(value, dict):

@@ -9,9 +9,9 @@ Every ``trainer.state_every`` optimiser steps ``fit`` writes ``<trainer.state_di
   and dicts, read back with ``torch.load(weights_only=True)`` (nothing is unpickled);
 * ``manifest.json`` — format, step, world size and the size and sha256 of each file.
 
-A state is written into a temporary directory, fsynced, then renamed (``os.replace``), so a crash leaves
-either a complete state or none; the newest ``trainer.keep_last`` states are kept. Loading verifies the
-manifest: a missing, truncated or corrupt file raises a one-line :class:`AtmError` naming the file and
+A state is written into a temporary directory, fsynced, then renamed (:func:`atm.files.atomic_dir`), so a
+crash leaves either a complete state or none; the newest ``trainer.keep_last`` states are kept. Loading verifies
+the manifest: a missing, truncated or corrupt file raises a one-line :class:`AtmError` naming the file and
 the previous state. atm does **not** fall back to an older state by itself (that would silently retrain
 steps and hide a disk problem) and never deletes a state it cannot read: delete the bad ``step-<N>``
 directory to resume from the one before.
@@ -22,16 +22,13 @@ kernel when the process dies, even by SIGKILL), so a run is resumable only when 
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import json
-import os
 import pickle
 import random
 import shutil
-import tempfile
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +36,7 @@ import torch
 from omegaconf import DictConfig
 
 from atm.errors import AtmError
+from atm.files import atomic_dir, file_lock, fsync, is_locked
 
 PREFIX = "step-"
 MANIFEST = "manifest.json"
@@ -101,16 +99,7 @@ def latest(run_dir: Path) -> Path | None:
 
 def is_claimed(run_dir: Path) -> bool:
     """True while a live process trains this run (it holds the run directory's lock)."""
-    lock = run_dir / _LOCK
-    if not lock.exists():
-        return False
-    with open(lock, "a") as handle:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            return True
-        fcntl.flock(handle, fcntl.LOCK_UN)
-    return False
+    return is_locked(run_dir / _LOCK)
 
 
 def resumable(run_dir: Path) -> bool:
@@ -121,16 +110,12 @@ def resumable(run_dir: Path) -> bool:
 @contextmanager
 def claim(run_dir: Path) -> Iterator[None]:
     """Hold the run directory's lock while training. Raises AtmError if another process holds it."""
-    run_dir.mkdir(parents=True, exist_ok=True)
-    with open(run_dir / _LOCK, "a") as handle:
+    with ExitStack() as stack:
         try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            stack.enter_context(file_lock(run_dir / _LOCK, blocking=False))
         except BlockingIOError:
             raise AtmError(f"training state {run_dir} is in use by another process training the same run") from None
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+        yield
 
 
 # ---------------------------------------------------------------- RNG states
@@ -171,14 +156,6 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def save(run_dir: Path, step: int, model_state: dict[str, torch.Tensor], trainer_state: dict[str, Any],
          keep_last: int | None, world_size: int = 1) -> Path:
     """Write state ``step`` atomically under ``run_dir`` and apply the retention limit.
@@ -197,8 +174,8 @@ def save(run_dir: Path, step: int, model_state: dict[str, torch.Tensor], trainer
     final = run_dir / f"{PREFIX}{step:06d}"
     if final.exists():  # written before a crash by the same (deterministic) run
         return final
-    tmp = Path(tempfile.mkdtemp(dir=run_dir, prefix=f".tmp-{final.name}-"))
-    try:
+    # replace=False: a complete copy of this step that appeared meanwhile is kept
+    with atomic_dir(final, replace=False, durable=True) as tmp:
         unique, seen = {}, {}
         for name, tensor in model_state.items():  # tied weights: store the first name only
             key = (tensor.data_ptr(), tensor.dtype, tuple(tensor.shape)) if tensor.numel() else None
@@ -215,13 +192,8 @@ def save(run_dir: Path, step: int, model_state: dict[str, torch.Tensor], trainer
                  for name in (MODEL, TRAINER)}
         (tmp / MANIFEST).write_text(json.dumps({"format": FORMAT, "step": step, "world_size": world_size,
                                                 "files": files}, indent=1))
-        for name in (MODEL, TRAINER, MANIFEST):
-            _fsync(tmp / name)
-        _fsync(tmp)
-        os.replace(tmp, final)
-        _fsync(run_dir)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        for name in (MODEL, TRAINER, MANIFEST):  # atomic_dir fsyncs the directory and its parent
+            fsync(tmp / name)
     if keep_last:
         for _, old in states(run_dir)[:-keep_last]:
             shutil.rmtree(old, ignore_errors=True)

@@ -27,6 +27,7 @@ from atm.errors import AtmError
 from atm.models.tokenizer import (
     SPM_MODEL_FILE,
     TRAINING_ARGS_FILE,
+    _check_special_ids,
     atomic_directory,
     check_compatible,
     load_tokenizer,
@@ -455,16 +456,28 @@ def load_pretrained(path: str | os.PathLike, model_cls, model_type: str, what: s
 
 
 def load_checkpoint(path: str | os.PathLike, *, attn_implementation: str | None = None):
-    """Load ``(model, tokenizer)`` from an MLM checkpoint directory written by :func:`save_checkpoint`.
+    """Load ``(model, tokenizer)`` from an MLM checkpoint directory written by :func:`save_checkpoint`: the one
+    loader of atm encoder checkpoints (pretraining's ``init``, distillation teachers, fine-tuning and task
+    students' encoders, evaluation).
+
+    The two are checked against each other: the tokenizer's size is the model's vocabulary (:func:`load_mlm`),
+    its special tokens have atm's fixed ids, and its ``<s>``/``<pad>``/``</s>`` ids are those in the model's
+    config.
 
     Raises:
-        AtmError: as :func:`load_mlm`, or no tokenizer in the directory.
+        AtmError: naming ``path``: no tokenizer (:func:`atm.models.tokenizer.load_tokenizer`), not an MLM
+            checkpoint (:func:`load_mlm`), or a tokenizer of another model.
     """
     p = Path(path)
+    tokenizer = load_tokenizer(p)
     model = load_mlm(p, attn_implementation=attn_implementation)
-    if not _has_tokenizer(p):
-        raise AtmError(f"{p}: checkpoint has no tokenizer files")
-    return model, load_tokenizer(p)
+    _check_special_ids(tokenizer, f"{p}: tokenizer/model mismatch")
+    for attr in ("bos_token_id", "pad_token_id", "eos_token_id"):
+        want = getattr(model.config, attr, None)
+        if want is not None and getattr(tokenizer, attr) != want:
+            raise AtmError(f"{p}: tokenizer/model mismatch: tokenizer {attr}={getattr(tokenizer, attr)} but "
+                           f"the model's config has {attr}={want}")
+    return model, tokenizer
 
 
 def mlm_forward(model, input_ids, attention_mask, positions=None, *, output_hidden_states: bool = False,

@@ -23,15 +23,13 @@ import json
 import os
 import random
 import re
-import shutil
-import tempfile
-import uuid
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 from atm.errors import AtmError
+from atm.files import atomic_dir
 
 __all__ = [
     "SPECIAL_TOKENS",
@@ -62,10 +60,11 @@ _TOO_HIGH = re.compile(r"Vocabulary size too high \((\d+)\)\. Please set it to a
 def atomic_directory(out_dir: str | os.PathLike) -> Iterator[Path]:
     """Yield a fresh temporary directory next to ``out_dir`` that replaces ``out_dir`` on success.
 
-    The temporary directory lives in ``out_dir``'s parent (same file system), so the final step is a
-    ``rename``: readers never see a half-written directory.  An existing ``out_dir`` is moved aside,
-    replaced and then deleted (everything in it is lost).  If the ``with`` body raises, the temporary
-    directory is removed and ``out_dir`` is left untouched.
+    :func:`atm.files.atomic_dir`, refusing a path that is a file: the temporary directory lives in
+    ``out_dir``'s parent (same file system), so the final step is a ``rename`` and readers never see a
+    half-written directory.  An existing ``out_dir`` is moved aside, replaced and then deleted (everything
+    in it is lost).  If the ``with`` body raises, the temporary directory is removed and ``out_dir`` is left
+    untouched.
 
     Raises:
         AtmError: ``out_dir`` exists and is not a directory.
@@ -73,22 +72,8 @@ def atomic_directory(out_dir: str | os.PathLike) -> Iterator[Path]:
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise AtmError(f"{out_dir}: exists and is not a directory")
-    parent = out_dir.parent
-    parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=parent))
-    try:
+    with atomic_dir(out_dir) as tmp:
         yield tmp
-        tmp.chmod(0o755)
-        old = None
-        if out_dir.exists():
-            old = parent / f".{out_dir.name}.old-{uuid.uuid4().hex[:8]}"
-            os.replace(out_dir, old)
-        os.replace(tmp, out_dir)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _sentences(lines: Iterable[str], max_sentences: int | None, seed: int) -> list[str]:

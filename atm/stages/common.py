@@ -1,4 +1,6 @@
-"""Parts shared by the stages that train masked-language models (pretraining and distillation)."""
+"""Stage-level glue shared by several stages: the MLM training loop wiring of pretraining and distillation
+(corpus -> batches -> ``fit`` -> checkpoints -> held-out perplexity and cost) and logging a trained model.
+Libraries (probes, tasks, models) live below the stages, not here."""
 
 from __future__ import annotations
 
@@ -19,6 +21,7 @@ from atm.engine.state import run_state_dir
 from atm.errors import AtmError
 from atm.models import cost
 from atm.models.encoder import save_checkpoint, training_dropout
+from atm.probes.perplexity import heldout_perplexities
 
 
 def corpus_lines(name: str, data_cfg: DictConfig, seed: int) -> list[str]:
@@ -77,8 +80,6 @@ def train_mlm(cfg: DictConfig, module: torch.nn.Module, model, tokenizer, loss_f
     (:func:`atm.models.cost.measure`). In a sweep with a pruner, the perplexities are also scored and
     reported every ``report_every`` steps (:func:`atm.sweeps.pruning_callbacks`). Returns the final metrics.
     """
-    from atm.stages.evaluate import heldout_perplexities
-
     stream = mlm_stream(cfg, tokenizer)
 
     def evaluate() -> dict[str, float]:

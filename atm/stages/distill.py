@@ -11,6 +11,7 @@ written to, the teacher-output cache shared by every trial of a sweep (:mod:`atm
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass, field
 
 import mlflow
@@ -25,9 +26,10 @@ from atm.engine.loop import device_for
 from atm.errors import AtmError
 from atm.lineage import Input
 from atm.models.attention import set_attention_scores
-from atm.models.encoder import build_mlm, count_parameters, load_mlm, mlm_forward
-from atm.models.tokenizer import load_tokenizer
+from atm.models.encoder import build_mlm, count_parameters, load_checkpoint, mlm_forward
+from atm.probes.perplexity import mlm_perplexity
 from atm.stages.common import train_mlm
+from atm.stages.registry import stage
 
 log = logging.getLogger(__name__)
 
@@ -65,12 +67,15 @@ def _cache_for(cfg: DictConfig, source: Input, objective: DistillationObjective)
     return TeacherCache(c.dir, key, c.top_k, hidden, attention)
 
 
+@stage("distill_intermediate", "distill_final", reads=("model", "trainer", "data", "distill", "augment"), check=check,
+       aliases={"intermediate": "distill_intermediate", "final": "distill_final"}, kinds=("mlm",))
 def run(cfg: DictConfig, inputs: dict[str, Input]) -> dict[str, float]:
     """Build a fresh ``model`` student over the teacher's tokenizer and distil the teacher(s) into it."""
     device = device_for(cfg.trainer)
-    tokenizer = load_tokenizer(inputs["teacher"].path)
     sources = [inputs["teacher"]] + ([inputs["teacher_next"]] if "teacher_next" in inputs else [])
-    models = [load_mlm(s.path).to(device).eval().requires_grad_(False) for s in sources]
+    loaded = [load_checkpoint(s.path) for s in sources]
+    tokenizer = loaded[0][1]
+    models = [model.to(device).eval().requires_grad_(False) for model, _ in loaded]
     for extra in models[1:]:
         if extra.config.vocab_size != models[0].config.vocab_size:
             raise AtmError(f"teacher_next has a vocabulary of {extra.config.vocab_size}, teacher of "
@@ -179,10 +184,6 @@ class TeacherSwitch:
         else:
             if step % self.cfg.eval_every:
                 return
-            import math
-
-            from atm.stages.evaluate import mlm_perplexity
-
             loss = math.log(mlm_perplexity(self.student, self.tokenizer, self.heldout, self.max_seq_len))
             self.student.train()
             mlflow.log_metric("distill/heldout_loss", loss, step=step)

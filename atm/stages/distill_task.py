@@ -8,7 +8,7 @@
   Stage-2 teacher encoder, ``lineage.overrides.finetune``) on the ``finetune.locales`` train data;
 * ``xnli``: a student pair classifier (:func:`~atm.models.heads.build_pair_classifier` over the ``encoder``
   input) learns from a ``finetune_xnli`` teacher on its English training sample
-  (:func:`atm.stages.finetune_xnli.train_pairs`).
+  (:func:`atm.probes.xnli.train_pairs`).
 
 The loss (:class:`TaskDistillationLoss`) is
 
@@ -32,7 +32,7 @@ Evaluation, student and teacher on the same examples:
 * MASSIVE: :func:`atm.tasks.massive.evaluate_massive` on ``finetune.eval_locales`` (by default the training
   locales): ``eval/massive/<locale>/...``, ``eval/massive/avg/...`` and the teacher's
   ``eval/massive_teacher/...``;
-* XNLI: :func:`atm.stages.finetune_xnli.evaluate_xnli` on ``stage.xnli_languages`` (zero-shot but for
+* XNLI: :func:`atm.probes.xnli.evaluate_xnli` on ``stage.xnli_languages`` (zero-shot but for
   English): ``eval/xnli/<lang>/accuracy``, ``eval/xnli/avg_accuracy``, the teacher's ``eval/xnli_teacher/...``.
 
 Every student score ``s`` gets its student/teacher ratio ``<score key>_ratio`` (Distiller's relative score;
@@ -60,9 +60,9 @@ from atm.distill.objective import DistillationObjective
 from atm.engine.loop import device_for, fit
 from atm.engine.state import run_state_dir
 from atm.errors import AtmError
-from atm.lineage import Input, canonical_stage
+from atm.lineage import Input
 from atm.models import cost
-from atm.models.encoder import count_parameters, load_mlm
+from atm.models.encoder import count_parameters, load_checkpoint
 from atm.models.heads import (
     IGNORE_INDEX,
     JointIntentSlotModel,
@@ -73,11 +73,11 @@ from atm.models.heads import (
 from atm.models.tokenizer import load_tokenizer
 from atm.probes.xnli import TRAIN_LANGUAGE, evaluate_xnli, pair_stream, train_pairs
 from atm.stages.common import log_model
+from atm.stages.registry import all_stages, canonical_name, stage, stages_of_kind
 from atm.tasks.massive import collator, encode, evaluate_massive, train_examples
 
-#: ``stage.task`` -> the stage that trains its teacher.
-TEACHER_STAGES = {"massive": "finetune", "xnli": "finetune_xnli"}
-#: ``stage.task`` -> a typical ``stage.objective`` (the student's mean score).
+#: ``stage.task`` (the tasks this stage distils) -> a typical ``stage.objective`` (the student's mean score).
+#: A task's teachers are the stages of kind ``classifier:<task>`` (:func:`atm.stages.stages_of_kind`).
 OBJECTIVES = {"massive": "eval/massive/avg/exact_match", "xnli": "eval/xnli/avg_accuracy"}
 #: Dataset task -> the metric (``{lang}`` = the evaluation locale/language) holding its student/teacher ratio.
 DATASET_METRICS = {
@@ -112,11 +112,12 @@ def check(cfg: DictConfig) -> None:
             unknown logit loss name, or a temperature that is not positive.
     """
     task = cfg.stage.get("task", "massive")
-    if task not in TEACHER_STAGES:
-        raise AtmError(f"stage.task={task!r} must be one of {', '.join(TEACHER_STAGES)}")
-    teacher = canonical_stage(str(cfg.teacher))
-    if teacher in TEACHER_STAGES.values() and teacher != TEACHER_STAGES[task]:
-        raise AtmError(f"teacher={cfg.teacher}: stage.task={task} needs teacher={TEACHER_STAGES[task]}")
+    if task not in OBJECTIVES:
+        raise AtmError(f"stage.task={task!r} must be one of {', '.join(OBJECTIVES)}")
+    teacher = all_stages().get(canonical_name(str(cfg.teacher)))
+    kind = f"classifier:{task}"
+    if teacher is not None and any(k.startswith("classifier:") for k in teacher.kinds) and kind not in teacher.kinds:
+        raise AtmError(f"teacher={cfg.teacher}: stage.task={task} needs teacher={' or '.join(stages_of_kind(kind))}")
     objective = str(cfg.stage.get("objective", ""))
     if objective.startswith("eval/") and not objective.startswith((f"eval/{task}/", f"eval/{task}_teacher/")):
         raise AtmError(f"stage.objective={objective} is not a metric of stage.task={task} "
@@ -327,6 +328,7 @@ def _xnli(cfg: DictConfig, teacher_in: Input, encoder, tokenizer):
     return teacher, student, stream, evaluate
 
 
+@stage("distill_task", reads=("trainer", "data", "finetune", "distill", "eval"), check=check)
 def run(cfg: DictConfig, inputs: dict) -> dict[str, float]:
     """Distil the ``teacher`` (a ``finetune`` or ``finetune_xnli`` run) into a student over the ``encoder``
     input; evaluate both and log the student/teacher ratios."""
@@ -336,8 +338,7 @@ def run(cfg: DictConfig, inputs: dict) -> dict[str, float]:
     device = device_for(cfg.trainer)
     teacher_in, encoder_in = inputs["teacher"], inputs["encoder"]
     tokenizer = load_tokenizer(teacher_in.path)
-    student_tokenizer = load_tokenizer(encoder_in.path)
-    encoder = load_mlm(encoder_in.path)
+    encoder, student_tokenizer = load_checkpoint(encoder_in.path)
     build = _massive if task == "massive" else _xnli
     teacher, student, stream, evaluate = build(cfg, teacher_in, encoder, tokenizer)
     check_same_tokenizer(tokenizer, student_tokenizer, teacher.config, encoder.config, teacher_in, encoder_in)

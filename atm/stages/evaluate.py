@@ -43,51 +43,25 @@ from pathlib import Path
 
 import mlflow
 import pandas as pd
-import torch
 from omegaconf import DictConfig
 from tqdm.auto import tqdm
 
-from atm import metrics as M
 from atm import tracking
-from atm.data import corpora
-from atm.data.collate import EVAL_BATCH, batches, mlm_collator, tokenize_lines
 from atm.data.massive import OUTSIDE
 from atm.data.ud import pud_sentences
 from atm.data.xnli import xnli_test_languages
-from atm.engine.loop import device_for, to_device
+from atm.engine.loop import device_for
 from atm.errors import AtmError
-from atm.models.encoder import mlm_forward
+from atm.models.encoder import load_checkpoint
 from atm.probes.examples import concat, example_frame
 from atm.probes.mask_fill import TOP_K, Probe, rank_scores, word_mask_fill, word_ranks
+from atm.probes.perplexity import heldout_perplexities, mlm_perplexity
 from atm.probes.xnli import XnliData, check_xnli, encode_xnli, read_xnli, xnli_probe
-from atm.stages.finetune import load_encoder, log_table, read_locales
+from atm.stages.registry import stage
+from atm.tasks.massive import read_locales
 
 #: Artifact directory of the per-example rows, one CSV per checkpoint step.
 EXAMPLES_DIR = "evaluation/examples"
-
-
-@torch.no_grad()
-def mlm_perplexity(model, tokenizer, lines: list[str], max_seq_len: int, seed: int = 0) -> float:
-    """MLM perplexity ``exp(sum NLL / n)`` over the masked tokens of ``lines`` with a fixed-seed 15% masking
-    (the same masks for every checkpoint, so values are comparable along a training run)."""
-    examples = tokenize_lines(tokenizer, lines, max_seq_len)
-    device = next(model.parameters()).device
-    total, count = 0.0, 0
-    for batch in batches(examples, EVAL_BATCH, mlm_collator(tokenizer, 0.15, seed=seed)):
-        batch = to_device(batch, device)
-        masked = batch["labels"] != -100
-        logits = mlm_forward(model, batch["input_ids"], batch["attention_mask"], masked)["logits"]
-        nll, n = M.masked_lm_nll(logits, batch["labels"][masked])
-        total, count = total + nll, count + n
-    return M.perplexity(total, count)
-
-
-def heldout_perplexities(model, tokenizer, data_cfg: DictConfig, max_lines_per_lang: int) -> dict[str, float]:
-    """``eval/perplexity/written`` (UD dev sentences) and ``eval/perplexity/spoken`` (MASSIVE dev utterances)."""
-    written = [line.text for line in corpora.heldout_written(max_lines_per_lang)]
-    spoken = [line.text for line in corpora.heldout_spoken(max_lines_per_lang)]
-    return {"eval/perplexity/written": mlm_perplexity(model, tokenizer, written, data_cfg.max_seq_len),
-            "eval/perplexity/spoken": mlm_perplexity(model, tokenizer, spoken, data_cfg.max_seq_len)}
 
 
 # ------------------------------------------------------------------------------------ mask filling
@@ -230,7 +204,7 @@ def evaluate_checkpoint(path: Path, cfg: DictConfig, *, data: EvalData | None = 
     """
     data = data if data is not None else eval_data(cfg.eval)
     device = device_for(cfg.trainer)
-    model, tokenizer = load_encoder(path)
+    model, tokenizer = load_checkpoint(path)
     model.to(device).eval()
     seq = cfg.data.max_seq_len
     out = heldout_perplexities(model, tokenizer, cfg.data, cfg.eval.perplexity.max_lines_per_lang)
@@ -310,6 +284,19 @@ def xnli_table(rows: Sequence[dict]) -> list[dict]:
     return table
 
 
+def check(cfg: DictConfig) -> None:
+    """Config-time validation of the ``eval`` settings this stage adds (before any input is trained).
+
+    Raises:
+        AtmError: naming the key: ``eval.checkpoints`` not ``final``/``all``, or a bad ``eval.xnli`` setting
+            (:func:`atm.probes.xnli.check_xnli`).
+    """
+    if cfg.eval.checkpoints not in ("final", "all"):
+        raise AtmError(f"eval.checkpoints={cfg.eval.checkpoints!r} must be 'final' or 'all'")
+    check_xnli(cfg.eval.xnli)
+
+
+@stage("evaluate", reads=("data", "eval"), artifact="evaluation", check=check)
 def run(cfg: DictConfig, inputs: dict) -> dict[str, float]:
     """Score the checkpoints of the ``target`` input; log metrics per checkpoint step, the per-example rows
     (``evaluation/examples/step-<N:06d>.csv``, :mod:`atm.probes.examples`) and the tables."""
@@ -334,17 +321,5 @@ def run(cfg: DictConfig, inputs: dict) -> dict[str, float]:
     for name, patterns in TABLES.items():
         table = xnli_table(rows) if name == "xnli" else language_table(rows, patterns)
         if table:
-            log_table(table, f"evaluation/{name}")
+            tracking.log_table(table, f"evaluation/{name}")
     return rows[-1]
-
-
-def check(cfg: DictConfig) -> None:
-    """Config-time validation of the ``eval`` settings this stage adds (before any input is trained).
-
-    Raises:
-        AtmError: naming the key: ``eval.checkpoints`` not ``final``/``all``, or a bad ``eval.xnli`` setting
-            (:func:`atm.probes.xnli.check_xnli`).
-    """
-    if cfg.eval.checkpoints not in ("final", "all"):
-        raise AtmError(f"eval.checkpoints={cfg.eval.checkpoints!r} must be 'final' or 'all'")
-    check_xnli(cfg.eval.xnli)

@@ -4,7 +4,7 @@ The ``encoder`` input (any atm MLM checkpoint) gets an intent head and a slot he
 (:class:`~atm.models.heads.JointIntentSlotModel`: pooling ``finetune.pooling`` of hidden layer
 ``finetune.intent_layer``, slot labels on each word's first sub-token, loss ``intent_ce +
 finetune.slot_loss_coef * slot_ce``), fine-tuned in full or over a frozen encoder (``finetune.freeze_encoder``).
-Data, prediction and scoring live in :mod:`atm.tasks.massive` (re-exported here for older imports).
+Data, prediction and scoring live in :mod:`atm.tasks.massive`.
 
 Settings (``finetune.setting``, presets ``finetune=full`` and ``finetune=zero_shot``):
 
@@ -47,40 +47,36 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from pathlib import Path
 
 import mlflow
 import numpy as np
 import torch
 from omegaconf import DictConfig
 
+from atm import lineage, sweeps, tracking
 from atm import metrics as M
-from atm import sweeps
 from atm.data.collate import batch_stream
 from atm.data.massive import intent_labels, slot_labels
 from atm.engine.loop import StopTraining, device_for, fit
 from atm.engine.state import run_state_dir
 from atm.errors import AtmError
 from atm.models import cost
-from atm.models.encoder import load_mlm
+from atm.models.encoder import load_checkpoint
 from atm.models.heads import JointIntentSlotModel
-from atm.models.tokenizer import _check_special_ids, load_tokenizer
 from atm.stages.common import log_model
+from atm.stages.registry import all_stages, canonical_name, stage
 from atm.stats import bootstrap_interval, mean_score, micro_f1, seed_interval
-from atm.tasks.massive import (  # noqa: F401  (collator, encode, evaluate_massive, read_locales ... re-exported)
+from atm.tasks.massive import (
     SCORE_COLUMNS,
     SCORES,
     collator,
     encode,
     eval_examples,
     eval_set,
-    evaluate_massive,
     evaluate_sets,
     log_prediction_rows,
     prediction_rows,
-    read_locales,
     sample_locales,
-    score_predictions,
     score_value,
     standard_errors,
     train_examples,
@@ -224,11 +220,8 @@ def resolve_baseline(cfg: DictConfig, experiment_id: str) -> str:
     Raises:
         AtmError: a malformed reference, or no finished run of the named stage with that config hash.
     """
-    from atm import lineage
-    from atm.stages import STAGES
-
     ref = str(cfg.baseline)
-    if ref.startswith("runs:/") or lineage.canonical_stage(ref) not in STAGES:
+    if ref.startswith("runs:/") or canonical_name(ref) not in all_stages():
         return baseline_run_id(ref)
 
     def refuse(sub_cfg: DictConfig, inputs: dict, hash_: str) -> str:
@@ -279,18 +272,7 @@ def relative_error_changes(results: dict[str, float], baseline: dict[str, float]
     return out
 
 
-
 # --------------------------------------------------------------------------------------- tables
-
-
-def log_table(rows: list[dict], artifact: str, floatfmt: str = ".4f") -> None:
-    """Log ``rows`` as ``<artifact>.csv`` and a markdown ``<artifact>.md`` to the active MLflow run."""
-    import pandas as pd
-
-    frame = pd.DataFrame(rows)
-    mlflow.log_text(frame.to_csv(index=False), f"{artifact}.csv")
-    cells = frame.astype(object).where(frame.notna(), None)  # integers stay integers, missing cells blank
-    mlflow.log_text(cells.to_markdown(index=False, floatfmt=floatfmt, missingval="") + "\n", f"{artifact}.md")
 
 
 def massive_table(results: dict[str, float], locales: Sequence[str], prefix: str = "eval/massive") -> list[dict]:
@@ -368,36 +350,12 @@ def check(cfg: DictConfig) -> None:
                            "finetune.early_stopping.eval_every=null")
     ref = str(cfg.get("baseline") or "")
     if ref:
-        from atm.lineage import canonical_stage
-        from atm.stages import STAGES
-
-        stage = canonical_stage(ref)
-        if stage in STAGES and stage not in ("finetune", "distill_task"):
-            raise AtmError(f"baseline={ref}: a {stage} run has no MASSIVE scores; name a finetune run "
+        name = canonical_name(ref)
+        if name in all_stages() and name not in ("finetune", "distill_task"):
+            raise AtmError(f"baseline={ref}: a {name} run has no MASSIVE scores; name a finetune run "
                            f"(baseline=finetune or runs:/<run_id>)")
-        if stage not in STAGES:
+        if name not in all_stages():
             baseline_run_id(ref)
-
-
-def load_encoder(path: Path):
-    """``(MLM model, tokenizer)`` of a checkpoint directory, checked against each other: the tokenizer's size
-    is the model's vocabulary (:func:`atm.models.encoder.load_mlm`), its special tokens have atm's fixed ids,
-    and its ``<s>``/``<pad>``/``</s>`` ids are those in the model's config.
-
-    Raises:
-        AtmError: naming ``path``: not an MLM checkpoint, no tokenizer, or a tokenizer of another model.
-    """
-    tokenizer = load_tokenizer(path)
-    model = load_mlm(path)
-    _check_special_ids(tokenizer, f"{path}: tokenizer/model mismatch")
-    for attr in ("bos_token_id", "pad_token_id", "eos_token_id"):
-        want = getattr(model.config, attr, None)
-        if want is not None and getattr(tokenizer, attr) != want:
-            raise AtmError(f"{path}: tokenizer/model mismatch: tokenizer {attr}={getattr(tokenizer, attr)} but "
-                           f"the model's config has {attr}={want}")
-    return model, tokenizer
-
-
 
 
 def train_seed(cfg: DictConfig, encoder, tokenizer, train_items: list[dict], seed: int, first: bool,
@@ -447,6 +405,7 @@ def train_seed(cfg: DictConfig, encoder, tokenizer, train_items: list[dict], see
     return model, summary
 
 
+@stage("finetune", reads=("trainer", "data", "finetune"), check=check, kinds=("classifier:massive",))
 def run(cfg: DictConfig, inputs: dict) -> dict[str, float]:
     """Fine-tune one model per seed of ``finetune.seeds`` on ``finetune.locales`` (train partition), evaluate
     each on ``finetune.eval_locales`` and log the means over seeds with intervals (see the module doc)."""
@@ -459,7 +418,7 @@ def run(cfg: DictConfig, inputs: dict) -> dict[str, float]:
         baseline_id = resolve_baseline(cfg, mlflow.active_run().info.experiment_id)
         mlflow.set_tag(TAG_BASELINE, baseline_id)
         baseline = baseline_scores(baseline_id, list(ft.eval_locales))
-    encoder, tokenizer = load_encoder(path)
+    encoder, tokenizer = load_checkpoint(path)
     test = eval_examples(ft)  # fails on a locale without data before anything is trained
     es = early_stopping_settings(ft)
     dev = {} if es is None else sample_locales(list(ft.locales), "dev", es.max_dev_per_locale,
@@ -492,6 +451,6 @@ def run(cfg: DictConfig, inputs: dict) -> dict[str, float]:
         results.update(relative_error_changes(results, baseline))
     mlflow.log_metrics({**results, **{k: v for k, v in summary.items() if k.startswith("finetune/")}},
                        step=cfg.trainer.max_steps)
-    log_table(massive_table(results, list(test)), "evaluation/massive")
+    tracking.log_table(massive_table(results, list(test)), "evaluation/massive")
     log_model(model, tokenizer, "checkpoint")
     return {**summary, **results, **cost.measure(model, tokenizer, cfg)}

@@ -21,9 +21,9 @@ from omegaconf import DictConfig
 
 from atm.errors import AtmError
 from atm.models.tokenizer import load_tokenizer
-
 from atm.probes.xnli import check_xnli, evaluate_xnli, pair_examples, train_classifier, train_pairs
 from atm.stages.common import log_model
+from atm.stages.registry import stage
 
 
 def check(cfg: DictConfig) -> None:
@@ -38,6 +38,7 @@ def check(cfg: DictConfig) -> None:
         raise AtmError("stage.languages is empty; name at least one language with a labelled XNLI test set")
 
 
+@stage("finetune_xnli", reads=("trainer", "data", "eval"), check=check, kinds=("classifier:xnli",))
 def run(cfg: DictConfig, inputs: dict) -> dict[str, float]:
     """Fine-tune a pair classifier over the ``encoder`` input on English XNLI; score ``stage.languages``."""
     path = inputs["encoder"].path

@@ -5,11 +5,12 @@ from __future__ import annotations
 
 from omegaconf import DictConfig
 
-from atm.engine.loop import device_for
 from atm.distill.losses import mlm_ce
-from atm.models.encoder import build_mlm, load_mlm, mlm_forward
+from atm.engine.loop import device_for
+from atm.models.encoder import build_mlm, load_checkpoint, mlm_forward
 from atm.models.tokenizer import load_tokenizer
 from atm.stages.common import check_mlm_data, train_mlm
+from atm.stages.registry import stage
 
 
 def check(cfg: DictConfig) -> None:
@@ -17,11 +18,12 @@ def check(cfg: DictConfig) -> None:
     check_mlm_data(cfg)
 
 
+@stage("pretrain_stage1", "pretrain_stage2", reads=("model", "trainer", "data"), check=check,
+       aliases={"stage1": "pretrain_stage1", "stage2": "pretrain_stage2"}, kinds=("mlm", "teacher"))
 def run(cfg: DictConfig, inputs: dict) -> dict[str, float]:
     """Stage 1 builds ``model`` over the ``tokenizer_run`` input; Stage 2 loads the ``init`` checkpoint."""
     if "init" in inputs:
-        tokenizer = load_tokenizer(inputs["init"].path)
-        model = load_mlm(inputs["init"].path)
+        model, tokenizer = load_checkpoint(inputs["init"].path)
     else:
         tokenizer = load_tokenizer(inputs["tokenizer_run"].path)
         model = build_mlm(cfg.model, tokenizer, max_seq_len=cfg.data.max_seq_len)

@@ -11,8 +11,10 @@ from omegaconf import DictConfig
 from atm import tracking
 from atm.data import corpora
 from atm.models.tokenizer import tokenizer_stats, train_tokenizer
+from atm.stages.registry import stage
 
 
+@stage("train_tokenizer", reads=("tokenizer", "data"), artifact="tokenizer", aliases=("tokenizer",))
 def run(cfg: DictConfig, inputs: dict) -> dict[str, float]:
     """Train the tokenizer; log it (artifact ``tokenizer``) and, per language of the held-out text, the split
     ratio (sub-tokens per word) and the unknown-token portion."""

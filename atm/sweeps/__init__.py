@@ -1,8 +1,9 @@
 """The job side of atm's Optuna sweeps (the sweeper itself is ``hydra_plugins/atm_optuna_sweeper``).
 
 A sweep job receives ``++optuna.{study_name, storage, trial_number}`` (and ``++optuna.objectives`` for a
-multi-objective sweep). :func:`atm.train.execute` runs it inside an MLflow run nested under the sweep's
-parent run and:
+multi-objective sweep). :func:`trial_from_config` turns them into the live Optuna trial (any Hydra app run by
+the sweeper may call it), :func:`report_every` says how often the sweep wants intermediate values.
+:func:`atm.train.execute` runs an atm job inside an MLflow run nested under the sweep's parent run and:
 
 * :func:`attach` records the MLflow run id on the Optuna trial (user attribute ``mlflow_run_id``) and, for
   a trial that retries trials whose worker died, closes their MLflow runs (FAILED, tag
@@ -17,18 +18,23 @@ parent run and:
   ``metrics[name]`` for each of ``optuna.objectives``.
 
 The sweep report (plots, trials CSV, Pareto front) is :mod:`atm.sweeps.report`; locks shared by workers
-are :mod:`atm.sweeps.locks`.
+are :mod:`atm.sweeps.locks`; the pruner built from the sweep's spec is :mod:`atm.sweeps.pruners`. The sweeper
+plugin imports all of these; nothing here imports the plugin.
 """
 
 from __future__ import annotations
 
 import logging
 import math
-from typing import Any, Callable, Iterable, Mapping
+from functools import lru_cache
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping
 
 from omegaconf import DictConfig
 
 from atm.errors import AtmError
+
+if TYPE_CHECKING:  # pragma: no cover
+    import optuna
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +43,10 @@ TAG_PRUNED_AT = "atm.pruned_at_step"
 RUN_ATTR = "mlflow_run_id"
 #: Trial user attribute: the metric names the trial's values are (:func:`objective_names` of the job's config).
 OBJECTIVES_ATTR = "objectives"
+#: Trial user attribute: which worker (``host:pid``) runs the trial (set by the sweeper).
+WORKER_ATTR = "worker"
+#: Study user attribute: the sweep's pruner spec (``hydra.sweeper.pruner``), set by the sweeper, read by jobs.
+PRUNER_ATTR = "atm_optuna.pruner"
 
 
 def in_sweep(cfg: DictConfig) -> bool:
@@ -74,11 +84,50 @@ def objectives(cfg: DictConfig, metrics: Mapping[str, float]) -> float | tuple[f
     return values[0] if len(values) == 1 else tuple(values)
 
 
+@lru_cache(maxsize=8)
+def _storage(url: str) -> Any:
+    import optuna
+
+    return optuna.storages.RDBStorage(url)
+
+
+def trial_from_config(cfg: Any) -> optuna.Trial | None:
+    """The live Optuna trial of a job launched by the ``atm_optuna`` sweeper, else None.
+
+    Reads ``cfg.optuna.{study_name, storage, trial_number}``; returns None when any is missing (not in a
+    sweep, or an in-memory study). The study carries the sweep's pruner, so ``trial.should_prune()`` asks the
+    configured one.
+
+    Raises:
+        Optuna's errors: the study or the trial is gone.
+    """
+    node = cfg.get("optuna") if hasattr(cfg, "get") else None
+    if not node:
+        return None
+    name, url, number = (node.get(k) for k in ("study_name", "storage", "trial_number"))
+    if name is None or url is None or number is None:
+        return None
+    import optuna
+
+    from atm.sweeps.pruners import make_pruner
+
+    study = optuna.load_study(study_name=str(name), storage=_storage(str(url)))
+    study.pruner, _ = make_pruner(study.user_attrs.get(PRUNER_ATTR))
+    trial_id = study._storage.get_trial_id_from_study_id_trial_number(study._study_id, int(number))
+    return optuna.Trial(study, trial_id)
+
+
+def report_every(trial: optuna.Trial) -> int:
+    """Steps between two ``trial.report`` calls asked by the sweep (``hydra.sweeper.pruner.report_every``;
+    0: none)."""
+    from atm.sweeps.pruners import make_pruner
+
+    return make_pruner(trial.study.user_attrs.get(PRUNER_ATTR))[1]
+
+
 def _trial(cfg: DictConfig):
     if not in_sweep(cfg):
         return None
-    from hydra_plugins.atm_optuna_sweeper import trial_from_config
-
     return trial_from_config(cfg)
 
 
@@ -142,8 +191,6 @@ def pruning_callbacks(cfg: DictConfig, module: Any,
     trial = _trial(cfg)
     if trial is None or len(trial.study.directions) > 1:
         return []
-    from hydra_plugins.atm_optuna_sweeper import report_every
-
     every = report_every(trial)
     if not every or not objective_names(cfg):
         return []

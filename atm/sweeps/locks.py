@@ -6,20 +6,20 @@ last trial of the budget, creating the MLflow parent run, training a missing tea
 
 * PostgreSQL: a session-level advisory lock (``pg_advisory_lock``) on a dedicated connection, so it works
   across machines and is released by the server when the holder dies (SIGKILL, lost machine);
-* SQLite: an exclusive ``fcntl`` lock on a file next to the database file (one machine, or a shared
-  filesystem with working POSIX locks), released by the kernel when the holder dies;
+* SQLite: an exclusive ``flock`` on a file next to the database file (:func:`atm.files.file_lock`; one
+  machine, or a shared filesystem with working POSIX locks), released by the kernel when the holder dies;
 * anything else (or no storage): no lock; a warning says so once.
 """
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import logging
-import os
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
+
+from atm.files import file_lock
 
 log = logging.getLogger(__name__)
 _WARNED: set[str] = set()
@@ -45,6 +45,7 @@ def storage_lock(url: str | None, key: str) -> Iterator[None]:
 
     Raises:
         sqlalchemy.exc.OperationalError: the PostgreSQL server cannot be reached.
+        FileNotFoundError: the directory of the SQLite database file does not exist.
     """
     kind = backend(url)
     if kind == "postgresql":
@@ -72,15 +73,8 @@ def storage_lock(url: str | None, key: str) -> Iterator[None]:
             db = Path(database).resolve()
             path = db.parent / f".{db.name}.locks" / f"{lock_id(key) & 0xFFFFFFFFFFFFFFFF:016x}.lock"
             path.parent.mkdir(exist_ok=True)  # FileNotFoundError when the database's directory is missing
-            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX)
-                try:
-                    yield
-                finally:
-                    fcntl.flock(fd, fcntl.LOCK_UN)
-            finally:
-                os.close(fd)
+            with file_lock(path):
+                yield
             return
     if kind not in _WARNED:
         _WARNED.add(kind)

@@ -28,26 +28,14 @@ import logging
 import math
 import os
 import sys
-import tempfile
 import warnings
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from atm.sweeps import OBJECTIVES_ATTR
+from atm.files import atomic_path, atomic_write_text
+from atm.sweeps import OBJECTIVES_ATTR, RUN_ATTR, WORKER_ATTR
 
 log = logging.getLogger(__name__)
-
-
-def _atomic(path: Path, write: Callable[[Path], None]) -> None:
-    """``write(tmp)`` then rename ``tmp`` to ``path`` (readers never see a half-written file)."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}-", suffix=path.suffix)
-    os.close(fd)
-    try:
-        write(Path(tmp))
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 def objective_names(study: Any, names: Sequence[str] | None = None) -> list[str]:
@@ -70,7 +58,7 @@ def trials_table(study: Any, names: Sequence[str]):
         return df
     trials = {t.number: t for t in study.get_trials(deepcopy=False)}
     df = df.drop(columns=[f"user_attrs_{OBJECTIVES_ATTR}"], errors="ignore")  # the value columns' names
-    rename = {"user_attrs_mlflow_run_id": "mlflow_run_id", "user_attrs_worker": "worker"}
+    rename = {f"user_attrs_{RUN_ATTR}": RUN_ATTR, f"user_attrs_{WORKER_ATTR}": WORKER_ATTR}
     if len(names) == 1:
         rename["value"] = names[0]
     else:
@@ -111,7 +99,8 @@ def write_report(study: Any, out_dir: Path, names: Sequence[str] | None = None) 
 
     df = trials_table(study, names)
     csv = out_dir / "trials.csv"
-    _atomic(csv, lambda p: df.to_csv(p, index=False))
+    with atomic_path(csv) as tmp:
+        df.to_csv(tmp, index=False)
     written.append(csv)
 
     def plot(filename: str, make: Callable[[], Any]) -> None:
@@ -122,7 +111,8 @@ def write_report(study: Any, out_dir: Path, names: Sequence[str] | None = None) 
             figure = (ax.flat[0] if hasattr(ax, "flat") else ax).figure
             figure.set_size_inches(max(figure.get_size_inches()[0], 8), max(figure.get_size_inches()[1], 5))
             path = out_dir / filename
-            _atomic(path, lambda p: figure.savefig(p, format="png", dpi=100, bbox_inches="tight"))
+            with atomic_path(path) as tmp:
+                figure.savefig(tmp, format="png", dpi=100, bbox_inches="tight")
             written.append(path)
         except Exception as err:  # too few trials, a single distinct value, ...
             skipped.append(f"{filename}: {str(err).splitlines()[0] if str(err) else type(err).__name__}")
@@ -151,24 +141,25 @@ def write_report(study: Any, out_dir: Path, names: Sequence[str] | None = None) 
     if multi:
         front = study.best_trials if complete else []
         rows = [{"number": t.number, **dict(zip(names, t.values)), **t.params,
-                 "mlflow_run_id": t.user_attrs.get("mlflow_run_id")} for t in front]
+                 "mlflow_run_id": t.user_attrs.get(RUN_ATTR)} for t in front]
         params = sorted({k for t in front for k in t.params})
         pareto = out_dir / "pareto_front.csv"
         import pandas as pd
 
-        _atomic(pareto, lambda p: pd.DataFrame(rows, columns=[*columns, *params]).to_csv(p, index=False))
+        with atomic_path(pareto) as tmp:
+            pd.DataFrame(rows, columns=[*columns, *params]).to_csv(tmp, index=False)
         written.append(pareto)
         plot("pareto_front.png", lambda: vis.plot_pareto_front(study, target_names=list(names)))
         summary.append(f"\n## Pareto front ({len(front)} trial(s))\n\n" + _markdown(rows, [*columns, *params]))
     elif complete:
         best = study.best_trial
         row = {"number": best.number, names[0]: best.value, **best.params,
-               "mlflow_run_id": best.user_attrs.get("mlflow_run_id")}
+               "mlflow_run_id": best.user_attrs.get(RUN_ATTR)}
         summary.append("\n## Best trial\n\n" + _markdown([row], [*columns, *sorted(best.params)]))
     if skipped:
         summary.append("\n## Plots left out\n\n" + "".join(f"- {s}\n" for s in skipped))
     md = out_dir / "summary.md"
-    _atomic(md, lambda p: p.write_text("".join(summary)))
+    atomic_write_text(md, "".join(summary))
     written.append(md)
     return written
 

@@ -119,7 +119,7 @@ Job contract: every job receives, besides its parameter overrides, ::
 so ``cfg.optuna.trial_number`` is the job's Optuna trial. A job reports intermediate values
 through the live trial::
 
-    from hydra_plugins.atm_optuna_sweeper import trial_from_config
+    from atm.sweeps import trial_from_config
     trial = trial_from_config(cfg)          # None when not running under this sweeper
     if trial is not None:
         trial.report(dev_loss, step=epoch)
@@ -128,7 +128,7 @@ through the live trial::
 
 which is ``optuna.load_study(study_name=..., storage=...)`` plus ``optuna.Trial(study, trial_id)``
 with the id looked up from the trial number; ``study.pruner`` is the sweep's pruner and
-``report_every(trial)`` its ``report_every`` (atm's stages do all this through
+``atm.sweeps.report_every(trial)`` its ``report_every`` (atm's stages do all this through
 :func:`atm.sweeps.pruning_callbacks`). The job must still *return* its objective (with
 ``objectives`` set, it also receives ``++optuna.objectives=[...]`` and returns one value each). Job dirs
 are numbered from the trial number (``hydra.job.num``). Exclude ``optuna.*`` from
@@ -144,50 +144,13 @@ with the app config, unknown pruner or bad pruner kwargs, a pruner without ``rep
 a multi-objective study, ``objectives`` not matching ``direction``, bad heartbeat settings
 (``grace_period`` <= ``heartbeat_interval``), unreachable storage, an existing study
 with another direction, or an existing study with ``load_if_exists: false``.
+
+Layout: ``config.py`` (the schema, registered with Hydra) and ``atm_optuna_sweeper.py`` (the plugin class)
+are all Hydra's plugin scan imports; the sweep itself lives in modules whose names start with ``_`` (the
+scan skips them, so Optuna and SQLAlchemy are imported only when a sweep runs): ``_space`` (the search-space
+language), ``_validation`` (the settings and their checks, the sampler), ``_study`` (storage, heartbeat,
+global trial budget) and ``_sweeper`` (the ask/launch/tell loop and its reports). The plugin imports
+:mod:`atm.sweeps` (the job side: :func:`atm.sweeps.trial_from_config`, the pruner and
+:class:`~atm.sweeps.pruners.SweepError` in :mod:`atm.sweeps.pruners`, locks, report); atm never imports
+the plugin.
 """
-
-from functools import lru_cache
-from typing import TYPE_CHECKING, Any, Optional
-
-if TYPE_CHECKING:  # pragma: no cover
-    import optuna
-
-__all__ = ["trial_from_config", "report_every"]
-
-
-@lru_cache(maxsize=8)
-def _storage(url: str) -> Any:
-    import optuna
-
-    return optuna.storages.RDBStorage(url)
-
-
-def trial_from_config(cfg: Any) -> Optional["optuna.Trial"]:
-    """The live Optuna trial of a job launched by the ``atm_optuna`` sweeper, else None.
-
-    Reads ``cfg.optuna.{study_name, storage, trial_number}``; returns None when any is missing
-    (not in a sweep, or an in-memory study). The study carries the sweep's pruner, so
-    ``trial.should_prune()`` asks the configured one. Raises Optuna's errors if the study/trial is gone.
-    """
-    node = cfg.get("optuna") if hasattr(cfg, "get") else None
-    if not node:
-        return None
-    name, url, number = (node.get(k) for k in ("study_name", "storage", "trial_number"))
-    if name is None or url is None or number is None:
-        return None
-    import optuna
-
-    from ._impl import PRUNER_ATTR, make_pruner
-
-    study = optuna.load_study(study_name=str(name), storage=_storage(str(url)))
-    study.pruner, _ = make_pruner(study.user_attrs.get(PRUNER_ATTR))
-    trial_id = study._storage.get_trial_id_from_study_id_trial_number(study._study_id, int(number))
-    return optuna.Trial(study, trial_id)
-
-
-def report_every(trial: "optuna.Trial") -> int:
-    """Steps between two ``trial.report`` calls asked by the sweep (``hydra.sweeper.pruner.report_every``;
-    0: none)."""
-    from ._impl import PRUNER_ATTR, make_pruner
-
-    return make_pruner(trial.study.user_attrs.get(PRUNER_ATTR))[1]

@@ -13,7 +13,7 @@ class AtmOptunaSweeper(Sweeper):
     """Optuna ask/tell search; see :mod:`hydra_plugins.atm_optuna_sweeper` for the contract."""
 
     def __init__(self, **config: Any) -> None:
-        from ._impl import AtmOptunaSweeperImpl
+        from ._sweeper import AtmOptunaSweeperImpl
 
         self._impl = AtmOptunaSweeperImpl(**config)
 

@@ -6,7 +6,7 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from hydra_plugins.atm_optuna_sweeper import trial_from_config
+from atm.sweeps import trial_from_config
 
 
 @hydra.main(version_base=None, config_path="conf", config_name="config")
