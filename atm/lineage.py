@@ -16,13 +16,14 @@ A stage names what it consumes by role (``teacher=pretrain_stage2``, ``init=stag
 
 from __future__ import annotations
 
+import json
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
 
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from atm import tracking
 from atm.errors import AtmError
@@ -115,7 +116,7 @@ _SWEEP_STORAGE: ContextVar[str | None] = ContextVar("atm_sweep_storage", default
 def resolve_inputs(cfg: DictConfig, experiment_id: str, train: Trainer) -> dict[str, Input]:
     """Resolve every role in ``cfg.stage.inputs``, and those of ``cfg.stage.optional_inputs`` that are set
     (see :func:`resolve`)."""
-    roles = list(cfg.stage.inputs) + [r for r in cfg.stage.get("optional_inputs", []) if cfg.get(r) is not None]
+    roles = input_roles(cfg)
     storage = cfg.optuna.get("storage") if cfg.get("optuna") else None
     token = _SWEEP_STORAGE.set(str(storage)) if storage else None
     try:
@@ -123,6 +124,132 @@ def resolve_inputs(cfg: DictConfig, experiment_id: str, train: Trainer) -> dict[
     finally:
         if token is not None:
             _SWEEP_STORAGE.reset(token)
+
+
+def input_roles(cfg: DictConfig) -> list[str]:
+    """The roles ``cfg``'s stage reads: ``stage.inputs``, and those of ``stage.optional_inputs`` that are set."""
+    return list(cfg.stage.inputs) + [r for r in cfg.stage.get("optional_inputs", []) if cfg.get(r) is not None]
+
+
+def check_inputs(cfg: DictConfig) -> None:
+    """The dry resolution pass, before anything is trained: walk ``cfg``'s input graph as :func:`resolve` would,
+    composing each input stage's config and running its stage check and :func:`atm.engine.loop.check_trainer`,
+    and check every role's reachability: the role's stage produces the artifact the role needs (a tokenizer
+    for ``tokenizer_run``, a model checkpoint for the others), a ``runs:/<id>`` exists, a path is a saved
+    checkpoint (``config.json``) or tokenizer. Finally the consumer's ``check_inputs`` (:class:`Stage`) sees
+    the inputs' model configs (e.g. a layer mapping against the teacher's depth). Nothing is trained or written,
+    and the tracking store is not read: the ``runs:/<id>`` references found are returned, for
+    :func:`check_runs` once the store is configured.
+
+    Returns:
+        ``[(role, run id), ...]``: the run references of the graph.
+
+    Raises:
+        AtmError: naming the role (and the input stage whose config is bad), the key and the value.
+    """
+    runs: list[tuple[str, str]] = []
+    _check_graph(cfg, (stage_of(cfg).name,), set(), runs)
+    return runs
+
+
+def check_runs(runs: list[tuple[str, str]], cfg: DictConfig) -> None:
+    """Every ``(role, run id)`` of :func:`check_inputs` names a run of the configured tracking store.
+
+    Raises:
+        AtmError: ``<role>=runs:/<id>: no such MLflow run at <uri>``.
+    """
+    if not runs:
+        return
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    for role, run_id in runs:
+        try:
+            MlflowClient().get_run(run_id)
+        except (MlflowException, OSError):
+            raise AtmError(f"{role}=runs:/{run_id}: no such MLflow run at {tracking.tracking_uri(cfg)}") from None
+
+
+def _check_graph(cfg: DictConfig, chain: tuple[str, ...], seen: set, runs: list) -> None:
+    models = {role: _check_role(role, cfg, chain, seen, runs) for role in input_roles(cfg)}
+    stage = stage_of(cfg)
+    if stage.check_inputs is not None:
+        stage.check_inputs(cfg, models)
+
+
+def _check_role(role: str, cfg: DictConfig, chain: tuple[str, ...], seen: set, runs: list) -> dict | None:
+    """Check one role of ``cfg`` (see :func:`check_inputs`); return the input's model config when known."""
+    ref = cfg.get(role)
+    if ref is None or str(ref) == "":
+        raise AtmError(f"input '{role}' of stage {cfg.stage.name} is not set (give {role}=<stage|runs:/id|path>)")
+    ref = str(ref)
+    needed = "tokenizer" if role == "tokenizer_run" else tracking.CHECKPOINT
+    if ref.startswith("runs:/"):
+        runs.append((role, ref[len("runs:/"):].strip("/")))
+        return None
+    name = canonical_name(ref)
+    if name in all_stages():
+        overrides = _input_overrides(cfg, name)
+        from hydra.errors import HydraException
+        from omegaconf.errors import OmegaConfBaseException
+
+        try:
+            sub_cfg = compose_stage(name, overrides)
+        except (HydraException, OmegaConfBaseException) as err:  # a bad lineage.overrides entry
+            first = next((ln for ln in str(err).splitlines() if ln.strip()), type(err).__name__)
+            raise AtmError(f"{role}={ref}: cannot compose stage {name} with {overrides}: {first}") from None
+    else:
+        path = Path(ref).expanduser()
+        if path.is_dir():
+            return _check_path(role, path, needed)
+        sub_cfg = _declared_elsewhere(cfg, ref)
+        if sub_cfg is None:
+            raise AtmError(f"{role}={ref!r} is neither a stage ({', '.join(sorted(all_stages()))}), a run "
+                           f"(runs:/<id>) nor an existing checkpoint directory")
+    sub = stage_of(sub_cfg)
+    if sub.artifact != needed:
+        raise AtmError(f"{role}={ref}: stage {sub.name} produces a {sub.artifact}, not the {needed} that "
+                       f"role {role} of stage {cfg.stage.name} needs")
+    if sub.name in chain:
+        raise AtmError(f"{role}={ref}: the inputs form a cycle ({' -> '.join((*chain, sub.name))})")
+    key = (sub.name, tuple(_input_overrides(cfg, sub.name)))
+    if key not in seen:
+        seen.add(key)
+        from atm.engine.loop import check_trainer
+
+        try:
+            sub.validate(sub_cfg)
+            if sub_cfg.get("trainer") is not None:
+                check_trainer(sub_cfg.trainer)
+        except AtmError as err:
+            raise AtmError(f"input {role}={ref} (stage {sub.name}, trained first): {err}") from None
+        _check_graph(sub_cfg, (*chain, sub.name), seen, runs)
+    model = sub_cfg.get("model") if "model" in sub.reads else None
+    return OmegaConf.to_container(model, resolve=True) if model is not None else None
+
+
+def _check_path(role: str, path: Path, needed: str) -> dict | None:
+    """A checkpoint directory given as ``role``: a saved model (``config.json``) or, for ``tokenizer_run``, a saved
+    tokenizer; returns the model's config (None for a tokenizer).
+
+    Raises:
+        AtmError: naming the role, the path and the file missing.
+    """
+    if needed == "tokenizer":
+        if not (path / "tokenizer.json").is_file() and not (path / "tokenizer_config.json").is_file():
+            raise AtmError(f"{role}={path}: no tokenizer.json or tokenizer_config.json (not a saved tokenizer)")
+        return None
+    config = path / "config.json"
+    if not config.is_file():
+        raise AtmError(f"{role}={path}: not a checkpoint directory (no config.json; give a directory written by "
+                       "save_pretrained, a stage or runs:/<id>)")
+    try:
+        loaded = json.loads(config.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:
+        raise AtmError(f"{config}: unreadable checkpoint config ({err})") from None
+    if not isinstance(loaded, dict):
+        raise AtmError(f"{config}: not a model config (a JSON object)")
+    return loaded
 
 
 def run_hash(cfg: DictConfig, inputs: dict[str, Input]) -> str:

@@ -7,9 +7,10 @@
     life.record_trial(run.info.run_id, metrics)
 
 
-1. :meth:`RunLifecycle.prepare`: look the stage up (importing ``stage.module`` when set), validate the config
-   (the stage's check, the trainer settings), point MLflow at the store, export the data directories and
-   join the distributed job, if any;
+1. :meth:`RunLifecycle.prepare`: look the stage up (importing ``stage.module`` when set), export the data
+   directories, validate the config (the stage's check, the trainer settings) and, at the top level, every
+   input stage's config and every role's reachability (a dry pass, :func:`atm.lineage.check_inputs`), point
+   MLflow at the store and join the distributed job, if any;
 2. :meth:`RunLifecycle.resolve_inputs`: resolve the stage's inputs by role (:mod:`atm.lineage`, training
    missing ones first; rank 0 first, the other ranks then find its runs) and the config hash;
 3. :meth:`RunLifecycle.open`: reopen a resumable run of the same stage and hash (rank 0), or start a new MLflow
@@ -89,20 +90,29 @@ class RunLifecycle:
     parent: str | None = None
 
     @classmethod
-    def prepare(cls, cfg: DictConfig) -> RunLifecycle:
+    def prepare(cls, cfg: DictConfig, check_inputs: bool = True) -> RunLifecycle:
         """Phase 1: stage lookup and config checks, then tracking, data environment and distributed setup.
 
+        Args:
+            cfg: the composed config.
+            check_inputs: also run lineage's dry pass over the input graph (:func:`atm.lineage.check_inputs`:
+                every input stage's config and every role's reachability), before the tracking store is
+                touched; false for an input lineage trains (its consumer's pass covered it).
+
         Raises:
-            AtmError: unknown stage, bad config, unusable tracking store, missing data mirror.
+            AtmError: unknown stage, bad config (of this stage or of an input stage), an unreachable input,
+                unusable tracking store, missing data mirror.
         """
         stage = stage_of(cfg)
+        data_environment(cfg)  # first: a stage check may read the mirror (e.g. the MASSIVE locales)
         stage.validate(cfg)
         if cfg.get("trainer") is not None:
             from atm.engine.loop import check_trainer
 
             check_trainer(cfg.trainer)
+        runs = lineage.check_inputs(cfg) if check_inputs else []
         experiment_id = tracking.configure(cfg)
-        data_environment(cfg)
+        lineage.check_runs(runs, cfg)
         rank = distributed.init_distributed()[0] if distributed.world()[1] > 1 else 0
         return cls(cfg, stage, experiment_id, rank)
 

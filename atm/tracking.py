@@ -54,19 +54,28 @@ def tracking_uri(cfg: DictConfig | None = None) -> str:
 def configure(cfg: DictConfig) -> str:
     """Point MLflow at the configured store and experiment; return the experiment id.
 
+    Race-free with concurrent workers on a fresh store: the store's schema (MLflow's migrations), its default
+    experiment and ``tracking.experiment`` are created by the first process to get the store's lock
+    (:func:`atm.sweeps.locks.store_lock`: a file lock next to a SQLite file, an advisory lock in a PostgreSQL
+    database), which the others wait for; they then find everything created.
+
     Raises:
-        AtmError: the tracking server cannot be reached.
+        AtmError: the tracking server cannot be reached, or the store cannot be opened (its cause chained: a
+            sweep retries a trial that failed so, see ``hydra_plugins/atm_optuna_sweeper``).
     """
     import mlflow
+
+    from atm.sweeps.locks import store_lock
 
     uri = tracking_uri(cfg)
     if uri.startswith(("http://", "https://")):
         probe_server(uri, cfg.tracking.experiment)
     mlflow.set_tracking_uri(uri)
     try:
-        experiment = mlflow.set_experiment(cfg.tracking.experiment)
+        with store_lock(uri, "atm/tracking/init"):
+            experiment = mlflow.set_experiment(cfg.tracking.experiment)
     except Exception as err:  # mlflow raises many types for an unreachable or broken store
-        raise AtmError(f"tracking store {uri} is not usable: {str(err).splitlines()[0]}") from err
+        raise AtmError(f"tracking store {uri} is not usable: {str(err).strip().splitlines()[0]}") from err
     return experiment.experiment_id
 
 
@@ -284,10 +293,43 @@ def start_run(cfg: DictConfig, hash_: str, consumed: Mapping[str, str | None],
 
 
 def log_checkpoint(local_dir: Path, artifact_path: str = CHECKPOINT) -> None:
-    """Log a ``save_pretrained`` directory (model + tokenizer) as artifacts of the active run."""
+    """Log a ``save_pretrained`` directory (model + tokenizer) as artifacts of the active run.
+
+    Whole or absent: when the upload fails part-way (a full disk, a lost artifact store), what was uploaded under
+    ``artifact_path`` is deleted (where the artifact store can delete) and the error raised, so the run ends
+    FAILED (:func:`start_run`) with no partial checkpoint; lineage reuses only FINISHED runs, and a run is
+    FINISHED only after its checkpoint was logged.
+
+    Raises:
+        AtmError: the upload failed (naming ``local_dir``, ``artifact_path`` and the run).
+    """
     import mlflow
 
-    mlflow.log_artifacts(str(local_dir), artifact_path)
+    try:
+        mlflow.log_artifacts(str(local_dir), artifact_path)
+    except Exception as err:  # any artifact store's error
+        run = mlflow.active_run()
+        run_id = run.info.run_id if run is not None else "?"
+        if run is not None:
+            _delete_artifacts(run.info.artifact_uri, artifact_path)
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise AtmError(f"cannot log checkpoint {local_dir} as artifacts '{artifact_path}' of run {run_id}: "
+                       f"{reason}") from err
+
+
+def _delete_artifacts(artifact_uri: str, artifact_path: str) -> None:
+    """Delete ``artifact_path`` under a run's ``artifact_uri`` (best effort: a store that cannot delete keeps it,
+    a warning says so)."""
+    import logging
+
+    from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
+
+    try:
+        get_artifact_repository(artifact_uri).delete_artifacts(artifact_path)
+    except Exception as err:  # NotImplementedError for stores without delete, or the store is gone
+        logging.getLogger(__name__).warning("could not delete the partial artifacts '%s' of %s: %s", artifact_path,
+                                            artifact_uri, str(err).strip().splitlines()[0] if str(err).strip()
+                                            else type(err).__name__)
 
 
 def download(run_id: str, artifact_path: str, cache_dir: str | Path) -> Path:

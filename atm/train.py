@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib.resources
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -18,7 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from atm import sweeps
 from atm.engine import deepspeed as distributed
-from atm.errors import AtmError
+from atm.errors import AtmError, Interrupted
 from atm.lineage import CONF_DIR, Input
 from atm.run import RunLifecycle
 from atm.stages.registry import all_stages, canonical_name, get_stage, import_stage_module
@@ -36,7 +37,8 @@ def execute(cfg: DictConfig, inputs: dict[str, Input] | None = None,
     Raises:
         AtmError: unknown stage, unresolvable input, bad data, missing objective metric.
     """
-    life = RunLifecycle.prepare(cfg)  # stage, config checks, tracking, data directories, ranks
+    # stage, config checks (with the dry pass over the inputs at the top level), tracking, data directories, ranks
+    life = RunLifecycle.prepare(cfg, check_inputs=inputs is None)
     life.resolve_inputs(_train_input, inputs, hash_)  # lineage: trains missing inputs through execute
     with life.open() as run:  # resumed or new run, nested in the sweep's parent in a sweep
         metrics = life.run_stage(run)
@@ -77,7 +79,7 @@ def main(cfg: DictConfig) -> float:
         if _in_sweep():
             raise
         print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
+        sys.exit(err.exit_code)  # 2; 130 for an interrupt (atm.errors.Interrupted)
 
 
 def normalise_argv(argv: list[str]) -> list[str]:
@@ -146,10 +148,90 @@ def _known_stage(name: str, search: list[Path]) -> str:
     return get_stage(name).name
 
 
-if __name__ == "__main__":
+def hydra_error(err: BaseException, argv: list[str]) -> AtmError | None:
+    """One line for an error Hydra raises before (or around) the job: an unknown config group option
+    (``model=doesnotexist``, ``+sweep=nonexistent``: the available choices), an unknown key (``trainer.bogus_key=1``,
+    ``foo=1``: the keys there), another composition error (its first line), or an unwritable working directory
+    (the path). None for anything else (a bug: its traceback is shown)."""
+    from hydra.errors import HydraException, MissingConfigException
+    from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
+
+    if isinstance(err, MissingConfigException):
+        missing = str(err.missing_cfg_file or "")
+        group, _, option = missing.rpartition("/")
+        if group and err.options:
+            return AtmError(f"unknown {group} '{option}' (available {group} options: {', '.join(err.options)})")
+        return AtmError(_first_line(err).removeprefix("In 'config': "))
+    if isinstance(err, (HydraException, OmegaConfBaseException)):
+        cause = err.__cause__ if isinstance(err.__cause__, OmegaConfBaseException) else err
+        key = getattr(cause, "full_key", None)
+        if isinstance(cause, (ConfigKeyError, ConfigAttributeError)) and key:
+            parent = str(key).rpartition(".")[0]
+            known = _known_keys(parent, argv)
+            where = f"'{parent}'" if parent else "the config"
+            listing = f" (keys of {where}: {', '.join(known)})" if known else ""
+            return AtmError(f"unknown config key '{key}'{listing}; to add a new key write +{key}=<value>")
+        return AtmError(_first_line(err))
+    if isinstance(err, OSError) and err.filename is not None:
+        return AtmError(f"cannot write {err.filename}: {err.strerror or err} (run in a writable directory, or set "
+                        "hydra.run.dir / hydra.sweep.dir and tracking.cache_dir to writable paths)")
+    return None
+
+
+def _first_line(err: BaseException) -> str:
+    return next((ln.strip() for ln in str(err).splitlines() if ln.strip()), type(err).__name__)
+
+
+def _known_keys(parent: str, argv: list[str]) -> list[str]:
+    """The keys of config node ``parent`` ('' = the root) in the config composed with the command line's
+    group choices (``stage=...``, ``model=...``); [] when it cannot be composed."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    choices = [a for a in argv if "=" in a and not a.startswith(("-", "~", "hydra")) and "." not in a.split("=")[0]
+               and "," not in a and a.split("=")[0].lstrip("+") in _GROUPS]
     try:
-        sys.argv[1:] = normalise_argv(sys.argv[1:])
+        GlobalHydra.instance().clear()
+        with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
+            node = OmegaConf.select(compose(config_name="config", overrides=choices), parent) if parent else \
+                compose(config_name="config", overrides=choices)
+    except Exception:  # noqa: BLE001 - only a listing; the error itself is reported anyway
+        return []
+    return sorted(str(k) for k in node) if isinstance(node, DictConfig) else []
+
+
+_GROUPS = tuple(p.name for p in CONF_DIR.iterdir() if p.is_dir())
+
+
+def cli(argv: list[str]) -> None:
+    """``python -m atm.train``: expand the arguments (:func:`normalise_argv`) and run :func:`main`; a bad input
+    (ours or Hydra's, :func:`hydra_error`) prints ``error: <one line>`` and exits with status 2. With
+    ``HYDRA_FULL_ERROR=1`` Hydra's own errors keep their traceback."""
+    import hydra._internal.utils as hydra_utils
+
+    try:
+        sys.argv[1:] = argv = normalise_argv(argv)
+        if os.environ.get("HYDRA_FULL_ERROR") != "1":
+            hydra_utils.run_and_report = _raise  # Hydra's errors reach us instead of its multi-line report
+        try:
+            main()
+        except Exception as err:
+            converted = None if isinstance(err, AtmError) else hydra_error(err, argv)
+            if converted is None:
+                raise
+            raise converted from None
     except AtmError as err:
         print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
-    main()
+        sys.exit(err.exit_code)
+    except KeyboardInterrupt:  # outside the training loop (data preparation, tokenizer training, scoring)
+        print("error: interrupted; rerun the same command (a run with a training state resumes from it)",
+              file=sys.stderr)
+        sys.exit(Interrupted.exit_code)
+
+
+def _raise(func):
+    return func()
+
+
+if __name__ == "__main__":
+    cli(sys.argv[1:])

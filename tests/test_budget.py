@@ -46,6 +46,17 @@ def test_schedules_golden():
     ("peak_fraction", 1.0, "trainer.peak_fraction=1.0 must be a number in (0, 1)"),
     ("compile", "yes", "trainer.compile='yes' must be true or false"),
     ("precision", "fp8", "trainer.precision='fp8' must be one of fp32, bf16, fp16, auto"),
+    ("max_steps", -5, "trainer.max_steps=-5 must be an integer >= 1"),
+    ("max_steps", "abc", "trainer.max_steps='abc' must be an integer >= 1"),
+    ("batch_size", 0, "trainer.batch_size=0 must be an integer >= 1"),
+    ("lr", -0.001, "trainer.lr=-0.001 must be a number > 0"),
+    ("weight_decay", -1, "trainer.weight_decay=-1 must be a number >= 0"),
+    ("grad_clip", -1.0, "trainer.grad_clip=-1.0 must be a number >= 0 or null"),
+    ("warmup_steps", -1, "trainer.warmup_steps=-1 must be an integer >= 0"),
+    ("log_every", 0, "trainer.log_every=0 must be an integer >= 1"),
+    ("save_every", 0, "trainer.save_every=0 must be an integer >= 1 or null"),
+    ("keep_last", 0, "trainer.keep_last=0 must be an integer >= 1 or null"),
+    ("device", "tpu", "trainer.device='tpu' must be auto, cpu, cuda or cuda:<index>"),
 ])
 def test_bad_trainer_keys_are_one_line_errors(key, value, message):
     with pytest.raises(AtmError) as err:
@@ -83,12 +94,20 @@ def test_compile_encoders_keeps_parameter_names():
     ({"packing": "yes"}, {}, "data.packing='yes' must be true or false"),
     ({"max_seq_len": 2}, {}, "data.max_seq_len=2 must be an integer >= 3 (<s>, a token, </s>)"),
     ({}, {"dropout": 1.0}, "stage.dropout=1.0 must be null (the model's own) or a probability in [0, 1)"),
+    ({}, {"mlm_probability": 1.0}, "stage.mlm_probability=1.0 must be a probability in (0, 1)"),
+    ({}, {"mlm_probability": 0}, "stage.mlm_probability=0 must be a probability in (0, 1)"),
+    ({}, {"corpus": "tweets"}, "stage.corpus='tweets' must be 'written' or 'spoken'"),
+    ({"max_seq_len": "abc"}, {}, "data.max_seq_len='abc' must be an integer >= 3 (<s>, a token, </s>)"),
+    ({"written": {"max_lines_per_source": 0}}, {},
+     "data.written.max_lines_per_source=0 must be an integer >= 1 or null"),
 ])
 def test_mlm_data_and_stage_keys_are_checked(data, stage, message):
     from atm.stages.common import check_mlm_data
 
-    cfg = OmegaConf.create({"data": {"packing": True, "max_seq_len": 64, **data}, "stage": stage})
+    good = {"corpus": "written", "mlm_probability": 0.15}
+    cfg = OmegaConf.create({"data": {"packing": True, "max_seq_len": 64, **data}, "stage": {**good, **stage}})
     with pytest.raises(AtmError) as err:
         check_mlm_data(cfg)
     assert str(err.value) == message
-    check_mlm_data(OmegaConf.create({"data": {"packing": False, "max_seq_len": 3}, "stage": {"dropout": 0.0}}))
+    check_mlm_data(OmegaConf.create({"data": {"packing": False, "max_seq_len": 3},
+                                     "stage": {**good, "dropout": 0.0}}))

@@ -74,7 +74,7 @@ def test_attributes_of_built_in_stages():
     evaluate, tokenizer, s1, s2 = (get_stage(n) for n in ("evaluate", "train_tokenizer", "stage1", "stage2"))
     assert evaluate.artifact == "evaluation" and tokenizer.artifact == "tokenizer" and s1.artifact == "checkpoint"
     assert s1.run is s2.run and s1.check is s2.check and s1.reads == s2.reads == ("model", "trainer", "data")
-    assert s1.module == "atm.stages.pretrain" and tokenizer.check is None
+    assert s1.module == "atm.stages.pretrain" and tokenizer.check.__module__ == "atm.stages.tokenizer"
     cfg = OmegaConf.create({"stage": {"inputs": ["init"], "optional_inputs": ["extra"]}})
     assert s2.hashed_keys(cfg) == ("stage", "seed", "model", "trainer", "data", "init", "extra")
 

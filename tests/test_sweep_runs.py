@@ -1,6 +1,7 @@
 """Sweeps through the real CLI on real data (``python -m atm.train -m +sweep=bench_pruning``, tiny Stage-1
 pretraining trials): pruning, interrupt + resume, a multi-objective study with its report, bad sweep configs,
-and three workers on one PostgreSQL study with one of them killed mid-trial."""
+and three workers started together on fresh stores (SQLite files, PostgreSQL databases), with and without one
+of them killed mid-trial."""
 
 from __future__ import annotations
 
@@ -14,9 +15,10 @@ from pathlib import Path
 import optuna
 import pytest
 import yaml
+from conftest import TINY, atm_train, trained_store
 from optuna.trial import TrialState
 
-from conftest import TINY, atm_train, trained_store
+from analysis.bench_workers import stray_tables
 
 PG = "postgresql+psycopg2://postgres@127.0.0.1:5432"
 # Tiny trials: 6 steps, no intermediate checkpoints, few timed forward passes.
@@ -257,6 +259,58 @@ def test_bad_sweep_configs_fail_in_one_line_before_any_trial(tmp_path, data_env)
         assert not (cwd / "mlflow.db").exists() and not (cwd / "optuna.db").exists()
 
 
+def _infra_error() -> Exception:
+    """An AtmError wrapping a database error, as ``tracking.configure`` raises for a store being created."""
+    import sqlalchemy.exc
+
+    from atm.errors import AtmError
+
+    try:
+        try:
+            raise sqlalchemy.exc.OperationalError("CREATE TABLE tags", {}, Exception("database is locked"))
+        except sqlalchemy.exc.OperationalError as err:
+            raise AtmError("tracking store sqlite:///mlflow.db is not usable: database is locked") from err
+    except AtmError as err:
+        return err
+
+
+def test_trial_failing_before_its_stage_on_infrastructure_is_retried(tmp_path):
+    """A job that fails before its stage started (no MLflow run attached) with a database error is FAIL and
+    retried with the same params (up to max_retry); a config AtmError, or a database error after the stage
+    started, is a plain FAIL with no retry."""
+    from hydra.core.utils import JobReturn, JobStatus
+
+    from atm.errors import AtmError
+    from hydra_plugins.atm_optuna_sweeper._sweeper import AtmOptunaSweeperImpl
+
+    url = f"sqlite:///{tmp_path / 'optuna.db'}"
+    sweeper = AtmOptunaSweeperImpl(sampler={"name": "random", "seed": 0}, heartbeat_interval=None, max_retry=1)
+    study = optuna.create_study(study_name="infra", storage=url)
+
+    def failed(err: BaseException) -> JobReturn:
+        result = JobReturn()
+        result.status, result._return_value = JobStatus.FAILED, err
+        return result
+
+    trial = study.ask({"x": optuna.distributions.FloatDistribution(0, 1)})
+    assert sweeper._retry_infrastructure_failure(study, trial, failed(_infra_error()))
+    waiting = study.get_trials(states=(TrialState.WAITING,))
+    assert study.trials[trial.number].state == TrialState.FAIL
+    assert len(waiting) == 1 and waiting[0].params == study.trials[trial.number].params
+    assert waiting[0].system_attrs["failed_trial"] == trial.number
+    retry = study.ask()  # the WAITING retry, which fails the same way: max_retry=1 reached, no second retry
+    assert retry.number == waiting[0].number
+    assert not sweeper._retry_infrastructure_failure(study, retry, failed(_infra_error()))
+    assert study.trials[retry.number].state == TrialState.FAIL and not study.get_trials(states=(TrialState.WAITING,))
+
+    config_error = study.ask({"x": optuna.distributions.FloatDistribution(0, 1)})
+    assert not sweeper._retry_infrastructure_failure(study, config_error, failed(AtmError("trainer.lr=-1: must be > 0")))
+    started = study.ask({"x": optuna.distributions.FloatDistribution(0, 1)})
+    started.set_user_attr("mlflow_run_id", "abc")  # atm.sweeps.attach ran: the stage started
+    assert not sweeper._retry_infrastructure_failure(study, started, failed(_infra_error()))
+    assert not study.get_trials(states=(TrialState.WAITING,))
+
+
 # ----------------------------------------------------------------------------- several workers, PostgreSQL
 
 
@@ -290,67 +344,72 @@ def pg_databases():
         admin.dispose()
 
 
-def test_three_workers_on_postgres_one_killed(tmp_path, data_env, pg_databases):
-    """3 worker processes share one study of 12 trials (Optuna storage and MLflow store on PostgreSQL); one is
-    SIGKILLed mid-trial. Its trial is failed by heartbeat and retried with the same params by a live worker;
-    the study ends with exactly 12 finished trials, each with exactly one FINISHED MLflow run; the missing
-    tokenizer, needed by every worker at once, is trained once."""
-    optuna_url, mlflow_url = pg_databases
-    _client(mlflow_url).create_experiment("atm")  # the store's tables, once (workers start together)
-    args = ["-m", "+sweep=bench_pruning", *TRIAL, "hydra.sweeper.study_name=workers", "hydra.sweeper.n_trials=12",
-            f"hydra.sweeper.storage='{optuna_url}'", "hydra.sweeper.pruner.name=none",
-            "hydra.sweeper.heartbeat_interval=1", "hydra.sweeper.grace_period=4", f"tracking.uri='{mlflow_url}'"]
-    workers = [_popen([*args, f"hydra.sweep.dir={tmp_path / f'w{i}'}"], tmp_path, data_env, tmp_path / f"w{i}.log")
-               for i in range(3)]
+def _run_workers(tmp_path: Path, env: dict[str, str], args: list[str], optuna_url: str, study: str,
+                 kill: bool, n_workers: int = 3) -> tuple[int | None, int | None, list, dict[int, str]]:
+    """Start ``n_workers`` sweep workers of ``args`` together in ``tmp_path`` (a fresh store: they create it);
+    with ``kill``, SIGKILL the worker of a RUNNING trial with an MLflow run, once a trial has completed.
+    Returns (killed trial number, killed pid, the processes, pid -> log tail), after every worker exited."""
+    workers = [_popen([*args, f"hydra.sweep.dir={tmp_path / f'w{i}'}"], tmp_path, env, tmp_path / f"w{i}.log")
+               for i in range(n_workers)]
     pids = {p.pid: p for p in workers}
+    killed_number = killed_pid = None
     try:
-        storage = None  # one storage for the polling: a new one per poll holds a pooled connection until the
-                        # garbage collector frees it, and ~100 of them exhaust PostgreSQL's max_connections
+        if kill:
+            storage = None  # one storage for the polling: a new one per poll holds a pooled connection until the
+                            # garbage collector frees it, and ~100 of them exhaust PostgreSQL's max_connections
 
-        def victim():
-            nonlocal storage
-            try:
-                storage = storage or optuna.storages.RDBStorage(optuna_url)
-                study = optuna.load_study(study_name="workers", storage=storage)
-            except Exception:
+            def victim():
+                nonlocal storage
+                try:
+                    storage = storage or optuna.storages.RDBStorage(optuna_url)
+                    trials = optuna.load_study(study_name=study, storage=storage).get_trials(deepcopy=False)
+                except Exception:  # not created yet
+                    return None
+                if not any(t.state == TrialState.COMPLETE for t in trials):
+                    return None  # the stores and the tokenizer are created by then
+                for t in trials:
+                    pid = int(t.user_attrs.get("worker", ":0").rsplit(":", 1)[1])
+                    if t.state == TrialState.RUNNING and pid in pids and t.user_attrs.get("mlflow_run_id"):
+                        return t.number, pid
                 return None
-            trials = study.get_trials(deepcopy=False)
-            if not any(t.state == TrialState.COMPLETE for t in trials):
-                return None  # the tokenizer is trained by then
-            for t in trials:
-                pid = int(t.user_attrs.get("worker", ":0").rsplit(":", 1)[1])
-                if t.state == TrialState.RUNNING and pid in pids and t.user_attrs.get("mlflow_run_id"):
-                    return t.number, pid
-            return None
 
-        killed_number, killed_pid = _wait_for(victim, 600, "a running trial after a finished one", workers)
-        pids[killed_pid].send_signal(signal.SIGKILL)
+            killed_number, killed_pid = _wait_for(victim, 600, "a running trial after a finished one", workers)
+            pids[killed_pid].send_signal(signal.SIGKILL)
         for p in workers:
-            p.wait(timeout=600)
+            p.wait(timeout=900)
     finally:
         for p in workers:
             p.kill()
-    logs = {p.pid: (tmp_path / f"w{i}.log").read_text()[-3000:] for i, p in enumerate(workers)}
-    assert pids[killed_pid].returncode == -signal.SIGKILL
-    for pid, p in pids.items():
-        if pid != killed_pid:
-            assert p.returncode == 0, logs[pid]
+    logs = {p.pid: (tmp_path / f"w{i}.log").read_text() for i, p in enumerate(workers)}
+    return killed_number, killed_pid, workers, logs
 
-    study = optuna.load_study(study_name="workers", storage=optuna_url)
-    assert _states(study) == {"COMPLETE": 12, "FAIL": 1}, logs
-    failed = study.trials[killed_number]
-    assert failed.state == TrialState.FAIL
-    retry = [t for t in study.trials if t.system_attrs.get("failed_trial") == killed_number]
-    assert len(retry) == 1 and retry[0].state == TrialState.COMPLETE and retry[0].params == failed.params
-    assert len({tuple(sorted(t.params.items())) for t in study.trials if t.state == TrialState.COMPLETE}) >= 10
 
-    runs = _trial_runs(mlflow_url, "workers")
+def _check_sweep(optuna_url: str, mlflow_url: str, study_name: str, n_trials: int, killed_number: int | None,
+                 killed_pid: int | None, workers: list, logs: dict[int, str], sweep_dirs: list[Path]) -> optuna.Study:
+    """What several workers on a fresh store must leave: every live worker exited 0 without the false lock
+    warning; exactly ``n_trials`` COMPLETE trials and FAIL only for the killed trial (retried once with its
+    params); one MLflow parent run and exactly one MLflow run per trial under it; no migration tables left."""
+    tails = {pid: text[-3000:] for pid, text in logs.items()}
+    for p in workers:
+        if p.pid == killed_pid:
+            assert p.returncode == -signal.SIGKILL
+        else:
+            assert p.returncode == 0, tails[p.pid]
+            assert "no cross-process lock" not in logs[p.pid], tails[p.pid]
+    study = optuna.load_study(study_name=study_name, storage=optuna_url)
+    # the killed trial is FAIL, unless the worker told it COMPLETE between the poll that saw it RUNNING and the kill
+    killed_failed = killed_number is not None and study.trials[killed_number].state == TrialState.FAIL
+    assert _states(study) == {"COMPLETE": n_trials, **({"FAIL": 1} if killed_failed else {})}, tails
+    if killed_failed:
+        failed = study.trials[killed_number]
+        retry = [t for t in study.trials if t.system_attrs.get("failed_trial") == killed_number]
+        assert len(retry) == 1 and retry[0].state == TrialState.COMPLETE and retry[0].params == failed.params
+
+    runs = _trial_runs(mlflow_url, study_name)
     parents = [r for r in runs if r.data.tags.get("atm.sweep_parent")]
     assert len(parents) == 1
-    trial_runs: dict[int, list] = {}
-    for r in runs:
-        if r.data.tags.get("optuna.trial_number") is not None:
-            trial_runs.setdefault(int(r.data.tags["optuna.trial_number"]), []).append(r)
+    trial_runs = _by_trial(runs)
+    assert sorted(trial_runs) == sorted(t.number for t in study.trials)
     for t in study.trials:
         assert len(trial_runs[t.number]) == 1, t.number
         run = trial_runs[t.number][0]
@@ -360,11 +419,57 @@ def test_three_workers_on_postgres_one_killed(tmp_path, data_env, pg_databases):
             assert run.info.status == "FINISHED" and run.data.metrics[OBJECTIVE] == pytest.approx(t.value)
         else:  # the killed worker's run, closed when its trial was retried
             assert run.info.status == "FAILED" and run.data.tags["atm.trial_state"] == "FAIL"
+    assert stray_tables(mlflow_url) == [] and stray_tables(optuna_url) == []
+    # the report of every worker that finished lists every trial
+    for d in sweep_dirs:
+        assert yaml.safe_load((d / "optimization_results.yaml").read_text())["n_trials"]["complete"] == n_trials
+    return study
+
+
+def _worker_args(study: str, n_trials: int, optuna_url: str, mlflow_url: str, *extra: str) -> list[str]:
+    return ["-m", "+sweep=bench_pruning", *TRIAL, f"hydra.sweeper.study_name={study}",
+            f"hydra.sweeper.n_trials={n_trials}", f"hydra.sweeper.storage='{optuna_url}'",
+            "hydra.sweeper.pruner.name=none", "hydra.sweeper.heartbeat_interval=1", "hydra.sweeper.grace_period=4",
+            f"tracking.uri='{mlflow_url}'", *extra]
+
+
+@pytest.mark.parametrize("kill", [False, True], ids=["no_kill", "one_killed"])
+def test_three_workers_on_a_fresh_sqlite_store(tmp_path, data_env, tokenizer_dir, kill):
+    """The README's example: 3 workers started together on the default SQLite files (Optuna study and MLflow
+    store), which none of them has created yet; with and without one worker SIGKILLed mid-trial. The stores are
+    created once (under their locks), no trial fails but the killed one, every trial has one MLflow run."""
+    optuna_url, mlflow_url = f"sqlite:///{tmp_path / 'optuna.db'}", f"sqlite:///{tmp_path / 'mlflow.db'}"
+    n_trials = 6
+    args = _worker_args("fresh", n_trials, optuna_url, mlflow_url, f"tokenizer_run={tokenizer_dir}")
+    killed_number, killed_pid, workers, logs = _run_workers(tmp_path, data_env, args, optuna_url, "fresh", kill)
+    dirs = [tmp_path / f"w{i}" for i, p in enumerate(workers) if p.pid != killed_pid]
+    _check_sweep(optuna_url, mlflow_url, "fresh", n_trials, killed_number, killed_pid, workers, logs, dirs)
+
+
+def test_three_workers_on_fresh_postgres(tmp_path, data_env, pg_databases, tokenizer_dir):
+    """3 workers started together on two empty PostgreSQL databases (Optuna storage, MLflow backend store): the
+    MLflow tables are created once (no ``UniqueViolation`` from concurrent ``CREATE TABLE``), every trial
+    completes with one MLflow run."""
+    optuna_url, mlflow_url = pg_databases
+    n_trials = 6
+    args = _worker_args("fresh", n_trials, optuna_url, mlflow_url, f"tokenizer_run={tokenizer_dir}")
+    _, _, workers, logs = _run_workers(tmp_path, data_env, args, optuna_url, "fresh", False)
+    _check_sweep(optuna_url, mlflow_url, "fresh", n_trials, None, None, workers, logs,
+                 [tmp_path / f"w{i}" for i in range(3)])
+
+
+def test_three_workers_on_postgres_one_killed(tmp_path, data_env, pg_databases):
+    """3 worker processes share one study of 12 trials (Optuna storage and MLflow store on PostgreSQL, both empty:
+    the workers create them); one is SIGKILLed mid-trial. Its trial is failed by heartbeat and retried with the
+    same params by a live worker; the study ends with exactly 12 finished trials, each with exactly one FINISHED
+    MLflow run; the missing tokenizer, needed by every worker at once, is trained once."""
+    optuna_url, mlflow_url = pg_databases
+    args = _worker_args("workers", 12, optuna_url, mlflow_url)
+    killed_number, killed_pid, workers, logs = _run_workers(tmp_path, data_env, args, optuna_url, "workers", True)
+    dirs = [tmp_path / f"w{i}" for i, p in enumerate(workers) if p.pid != killed_pid]
+    study = _check_sweep(optuna_url, mlflow_url, "workers", 12, killed_number, killed_pid, workers, logs, dirs)
+    assert len({tuple(sorted(t.params.items())) for t in study.trials if t.state == TrialState.COMPLETE}) >= 10
     client = _client(mlflow_url)
     tokenizers = client.search_runs([client.get_experiment_by_name("atm").experiment_id],
                                     filter_string="tags.`atm.stage` = 'train_tokenizer'")
     assert [r.info.status for r in tokenizers] == ["FINISHED"]
-    # the report of the workers that finished lists every trial
-    reports = [yaml.safe_load((tmp_path / f"w{i}" / "optimization_results.yaml").read_text())
-               for i, p in enumerate(workers) if p.pid != killed_pid]
-    assert all(r["n_trials"]["complete"] == 12 for r in reports)

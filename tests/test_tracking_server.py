@@ -1,7 +1,8 @@
 """The team stack's tracking path without Docker: atm logs over HTTP to ``mlflow server`` (basic auth,
 PostgreSQL backend store at 127.0.0.1:5432, proxied artifacts), started by the container's own entrypoint
 ``docker/mlflow/serve.py``; an unreachable or refusing server is a one-line error; ``docker-compose config``
-accepts docker-compose.yml with .env.example.
+accepts docker-compose.yml with .env.example. Also the stores themselves: a failed checkpoint upload ends the run
+FAILED with nothing partial, and concurrent processes create a fresh SQLite store once.
 """
 
 from __future__ import annotations
@@ -199,6 +200,70 @@ def test_probe_gives_up_at_once_and_restores_mlflow_settings(monkeypatch):
     assert time.monotonic() - start < 20
     assert os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] == "5"
     assert "MLFLOW_HTTP_REQUEST_TIMEOUT" not in os.environ
+
+
+def test_failed_checkpoint_upload_ends_the_run_failed_with_nothing_partial(tmp_path, monkeypatch):
+    """The artifact store fills up after the first file of a checkpoint: one AtmError line naming the checkpoint,
+    the run ends FAILED (not RUNNING, not FINISHED), no partial ``checkpoint/`` is left in the artifact store, and
+    lineage finds no finished run to reuse."""
+    import errno
+
+    import mlflow
+    from conftest import mlflow_store
+    from mlflow.store.artifact.local_artifact_repo import LocalArtifactRepository
+    from omegaconf import OmegaConf
+
+    from atm import tracking
+    from atm.errors import AtmError
+
+    uri, client, experiment_id = mlflow_store(tmp_path)
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_experiment(experiment_id=experiment_id)
+    checkpoint = tmp_path / "out"
+    checkpoint.mkdir()
+    (checkpoint / "config.json").write_text("{}")
+    (checkpoint / "model.safetensors").write_bytes(b"\0" * 4096)
+
+    def full_disk(self, local_dir, artifact_path=None):  # copies one file, then the disk is full
+        target = Path(self._get_or_create_artifact_dir(artifact_path))
+        shutil.copy(Path(local_dir) / "config.json", target / "config.json")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(LocalArtifactRepository, "log_artifacts", full_disk)
+    cfg = OmegaConf.create({"stage": {"name": "pretrain_stage1"}, "run_name": "upload-test"})
+    with pytest.raises(AtmError) as info, tracking.start_run(cfg, "hash-upload", {}) as run:
+        run_id = run.info.run_id
+        tracking.log_checkpoint(checkpoint)
+    message = str(info.value)
+    assert "\n" not in message and "checkpoint" in message and run_id in message and "No space left" in message
+    assert client.get_run(run_id).info.status == "FAILED"
+    assert client.list_artifacts(run_id, tracking.CHECKPOINT) == []
+    assert not (tmp_path / "artifacts" / run_id / "artifacts" / tracking.CHECKPOINT).exists()
+    assert tracking.find_finished_run(experiment_id, "pretrain_stage1", "hash-upload") is None
+
+
+def test_concurrent_configure_creates_a_fresh_sqlite_store_once(tmp_path):
+    """8 processes configure the same fresh SQLite MLflow store at once: all get the same experiment id, the
+    store has one ``atm`` experiment and no migration tables left (``_alembic_tmp_*``)."""
+    import sqlalchemy
+
+    code = ("import sys; from omegaconf import OmegaConf; from atm import tracking; "
+            "print(tracking.configure(OmegaConf.create({'tracking': {'uri': sys.argv[1], 'experiment': 'atm'}})))")
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    procs = [subprocess.Popen([sys.executable, "-c", code, uri], env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for _ in range(8)]
+    outs = [p.communicate(timeout=300) for p in procs]
+    assert all(p.returncode == 0 for p in procs), [err[-2000:] for _, err in outs]
+    assert len({out.strip().splitlines()[-1] for out, _ in outs}) == 1
+    engine = sqlalchemy.create_engine(uri)
+    try:
+        assert not [t for t in sqlalchemy.inspect(engine).get_table_names() if t.startswith("_alembic_tmp")]
+        with engine.connect() as conn:
+            names = [r[0] for r in conn.execute(sqlalchemy.text("SELECT name FROM experiments"))]
+    finally:
+        engine.dispose()
+    assert sorted(names) == ["Default", "atm"]
 
 
 def _compose() -> list[str] | None:

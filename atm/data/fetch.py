@@ -9,7 +9,11 @@ e.g. ``massive/amazon-massive-dataset-1.1.tar.gz`` or ``ud/UD_English-EWT/en_ewt
 3. the official URL from :data:`RESOURCES`, downloaded into the cache.
 
 Copies and downloads are written to a temporary file, checked against the known sha256 and only then
-renamed into place, so the cache never holds a partial or corrupt file. Upstream UD and SLURP files
+renamed into place, so the cache never holds a partial or corrupt file. A file without a known sha256 (XNLI,
+udpos_xtreme, mirror copies of UD and SLURP) is instead read through before the rename -- the whole gzip
+stream, every JSON record of a ``.jsonl``, every UTF-8 line of a text file, every member of a tar -- and a
+cached copy of such a file whose size differs from the mirror's (the mirror was repaired or updated) is copied
+again. Upstream UD and SLURP files
 are plain text while the mirror holds them gzipped: a ``.gz`` name may therefore be satisfied by a plain
 cached copy (the name without ``.gz``); every reader accepts both (:func:`atm.data.text.open_text`).
 """
@@ -17,10 +21,12 @@ cached copy (the name without ``.gz``); every reader accepts both (:func:`atm.da
 from __future__ import annotations
 
 import fnmatch
+import gzip
 import hashlib
 import http.client
 import logging
 import os
+import tarfile
 import urllib.error
 import urllib.request
 from collections.abc import Mapping
@@ -28,7 +34,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
-from atm.data.text import _GZIP_MAGIC
+from atm.data.text import (
+    _GZIP_MAGIC,
+    GZIP_ERRORS,
+    decode_lines,
+    is_gzip,
+    iter_jsonl,
+    open_binary,
+)
 from atm.errors import AtmError
 from atm.files import atomic_path
 
@@ -231,13 +244,14 @@ def fetch(rel: str, *, resources: Mapping[str, Resource] | None = None) -> Path:
         AtmError: the file is nowhere to be found (no cache copy, not in the mirror, no URL): the
             message names the file and asks to set ``ATM_DATA_MIRROR``; a download fails; a checksum
             does not match (the message names the file and both hashes; nothing is left behind);
-            ``ATM_DATA_MIRROR`` names a missing directory.
+            ``ATM_DATA_MIRROR`` names a missing directory; a copy of a file without a known sha256 that is
+            truncated or unreadable (the message names the mirror file or URL and the line; nothing is cached).
     """
     rel = _check_rel(rel)
     cache = data_dir()
-    if found := _find(cache, rel):
-        return found
     resource = (RESOURCES if resources is None else resources).get(rel, Resource(rel))
+    if (found := _find(cache, rel)) and not _outdated(found, cache, resource):
+        return found
     mirror = mirror_dir()
     if source := _find(mirror, rel):
         target = cache / source.relative_to(mirror)
@@ -256,6 +270,22 @@ def fetch(rel: str, *, resources: Mapping[str, Resource] | None = None) -> Path:
         f"missing data file {rel!r}: not in the data directory {cache} {found_in}, and no download URL "
         f"is known; set {ENV_MIRROR} to a directory in the layout of the project's shared data"
     )
+
+
+def _outdated(cached: Path, cache: Path, resource: Resource) -> bool:
+    """True when ``cached`` has no known sha256 and the mirror file of the same name has another size (a copy
+    cut short before copies were validated, or a mirror repaired or updated since)."""
+    if resource.sha256:
+        return False  # verified when it was cached
+    try:
+        mirror = mirror_dir()
+    except AtmError:
+        return False  # reported when the mirror is needed
+    source = mirror / cached.relative_to(cache) if mirror is not None else None
+    if source is None or not source.is_file() or source.stat().st_size == cached.stat().st_size:
+        return False
+    log.warning("cached %s differs in size from the data mirror's %s: copying it again", cached, source)
+    return True
 
 
 def _check_rel(rel: str) -> str:
@@ -282,9 +312,9 @@ def _store(src: IO[bytes], target: Path, sha256: str | None, *, origin: str, pla
     """Copy ``src`` to ``target`` through a temporary file in the same directory, verifying ``sha256``.
 
     With ``plain_ok``, content that is not gzipped (no gzip magic bytes at the start) is stored without the
-    ``.gz`` suffix of ``target``. The file is renamed into place only after the checksum matched
-    (:func:`atm.files.atomic_path`); on any failure the temporary file is removed and a checksum mismatch
-    raises :class:`AtmError`.
+    ``.gz`` suffix of ``target``. The file is renamed into place only after the checksum matched, or, with no
+    checksum, after it was read through (:func:`_validate`) (:func:`atm.files.atomic_path`); on any failure the
+    temporary file is removed and a checksum mismatch or an unreadable copy raises :class:`AtmError`.
     """
     digest = hashlib.sha256()
     chunk = src.read(_CHUNK)
@@ -302,7 +332,46 @@ def _store(src: IO[bytes], target: Path, sha256: str | None, *, origin: str, pla
             raise AtmError(
                 f"checksum mismatch for {target} from {origin}: expected sha256 {sha256}, got {actual}"
             )
+        if not sha256:
+            _validate(tmp, stored.name, origin)
     return stored
+
+
+_TEXT_SUFFIXES = (".jsonl", ".tsv", ".conllu", ".txt", ".json")
+
+
+def _validate(path: Path, name: str, origin: str) -> None:
+    """Read a copy without a known checksum through before it enters the cache (``name``: its file name).
+
+    A gzip stream must be complete (the end-of-stream marker and CRC of every member), a tar archive must list
+    to its end, a ``.jsonl`` file must hold one JSON object a line and a text file (``.tsv``, ``.conllu``,
+    ``.txt``) must be UTF-8; other files are taken as they are.
+
+    Raises:
+        AtmError: naming ``origin`` (the mirror file or URL) and, for a bad record, its line; the caller
+            removes the temporary copy, so nothing is cached.
+    """
+    nothing = "nothing was cached: replace it with a complete copy and rerun"
+    try:
+        if is_gzip(path):
+            with gzip.open(path, "rb") as stream:
+                while stream.read(_CHUNK):
+                    pass
+        base = name.removesuffix(".gz")
+        if base.endswith(".tar") or name.endswith(".tgz"):
+            with tarfile.open(path, "r:*") as archive:
+                for _ in archive:
+                    pass
+        elif base.endswith(_TEXT_SUFFIXES):
+            with open_binary(path) as stream:
+                lines = decode_lines(stream, origin)
+                for _ in iter_jsonl(lines, origin) if base.endswith(".jsonl") else lines:
+                    pass
+    except (*GZIP_ERRORS, tarfile.TarError) as exc:
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise AtmError(f"{origin}: truncated or corrupt data ({reason}); {nothing}") from None
+    except AtmError as exc:
+        raise AtmError(f"{exc} ({nothing})") from None
 
 
 def list_available(pattern: str, *, resources: Mapping[str, Resource] | None = None) -> list[str]:

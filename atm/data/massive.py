@@ -24,7 +24,7 @@ from typing import Any
 
 from atm.data.cache import derived
 from atm.data.fetch import fetch
-from atm.data.text import decode_lines, get_field, iter_jsonl
+from atm.data.text import FIX_HINT, decode_lines, get_field, iter_jsonl
 from atm.errors import AtmError
 
 MASSIVE_ARCHIVE = "massive/amazon-massive-dataset-1.1.tar.gz"
@@ -144,7 +144,7 @@ def massive_locales() -> list[str]:
     try:
         return list(_archive_locales(path, _stamp(path)))
     except (tarfile.TarError, OSError, EOFError) as exc:
-        raise AtmError(f"{path}: not a readable MASSIVE tar.gz archive ({exc})") from None
+        raise AtmError(f"{path}: not a readable MASSIVE tar.gz archive ({exc}); {FIX_HINT}") from None
 
 
 def _check_choice(kind: str, wanted: Collection[str] | None, available: Collection[str]) -> set[str] | None:
@@ -196,7 +196,7 @@ def iter_massive_records(
                         if wanted_partitions is None or partition in wanted_partitions:
                             yield loc, record
     except (tarfile.TarError, EOFError, zlib.error, OSError) as exc:
-        raise AtmError(f"{path}: not a readable MASSIVE tar.gz archive ({exc})") from None
+        raise AtmError(f"{path}: not a readable MASSIVE tar.gz archive ({exc}); {FIX_HINT}") from None
 
 
 def read_massive(

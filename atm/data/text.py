@@ -10,6 +10,7 @@ from __future__ import annotations
 import gzip
 import io
 import json
+import zlib
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import IO, Any
@@ -17,6 +18,25 @@ from typing import IO, Any
 from atm.errors import AtmError
 
 _GZIP_MAGIC = b"\x1f\x8b"
+#: What reading a damaged gzip stream raises: truncated (EOFError), bad header or CRC (BadGzipFile, an OSError),
+#: corrupt deflate data (zlib.error).
+GZIP_ERRORS = (EOFError, gzip.BadGzipFile, zlib.error)
+#: How to repair a damaged data file, appended to the error naming it.
+FIX_HINT = ("replace it with a complete copy (a copy in the data cache $ATM_DATA_DIR: delete it, and the next run "
+            "copies it again from $ATM_DATA_MIRROR)")
+
+
+def damaged(name: str | Path, exc: BaseException, line: int | None = None) -> str:
+    """One-line message for a truncated or corrupt (gzipped) file: names it, the last good line and the fix.
+
+    Args:
+        name: the file (or ``archive:member``) at fault.
+        exc: what the reader raised (one of :data:`GZIP_ERRORS`, or a ``tarfile.TarError``).
+        line: the last line read completely, if any.
+    """
+    after = f" after line {line}" if line else ""
+    reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    return f"{name}: truncated or corrupt data{after} ({reason}); {FIX_HINT}"
 
 
 def is_gzip(path: str | Path) -> bool:
@@ -57,14 +77,19 @@ def decode_lines(fh: IO[bytes], name: str) -> Iterator[tuple[int, str]]:
     Only ``\\n`` ends a line; a trailing ``\\r`` is removed with it. Blank lines are yielded too.
 
     Raises:
-        AtmError: ``"<name>:<line>: not valid UTF-8 (...)"``.
+        AtmError: ``"<name>:<line>: not valid UTF-8 (...)"``; ``"<name>: truncated or corrupt data after line
+            <n> (...); replace it ..."`` when a gzip stream ends early or is damaged (see :func:`damaged`).
     """
-    for lineno, raw in enumerate(fh, 1):
-        try:
-            line = raw.decode("utf-8")
-        except UnicodeDecodeError as exc:
-            raise AtmError(f"{where(name, lineno)}: not valid UTF-8 ({exc.reason} at byte {exc.start})") from None
-        yield lineno, line.rstrip("\r\n")
+    lineno = 0
+    try:
+        for lineno, raw in enumerate(fh, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise AtmError(f"{where(name, lineno)}: not valid UTF-8 ({exc.reason} at byte {exc.start})") from None
+            yield lineno, line.rstrip("\r\n")
+    except GZIP_ERRORS as exc:
+        raise AtmError(damaged(name, exc, lineno or None)) from None
 
 
 def numbered_lines(path: str | Path) -> Iterator[tuple[int, str]]:

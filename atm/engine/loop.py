@@ -16,7 +16,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +25,7 @@ from omegaconf import DictConfig
 from tqdm.auto import tqdm
 
 from atm.engine import state as S
-from atm.errors import AtmError
+from atm.errors import AtmError, Interrupted
 
 BACKENDS = ("torch", "deepspeed")
 PRECISIONS = ("fp32", "bf16", "fp16", "auto")
@@ -125,12 +125,16 @@ def check_trainer(cfg: DictConfig) -> None:
     """Config-time checks of the ``trainer`` config (before inputs are resolved or anything trains).
 
     Raises:
-        AtmError: unknown backend, precision or schedule, ``peak_fraction`` outside (0, 1), ``compile`` not a
-            boolean, fp16 without DeepSpeed, ``grad_accum_steps`` < 1, several
+        AtmError: naming the key: a count out of range (``max_steps``, ``batch_size``, ``grad_accum_steps``,
+            ``log_every`` >= 1; ``warmup_steps`` >= 0; ``save_every``, ``state_every``, ``keep_last`` null or
+            >= 1), a rate out of range (``lr`` > 0; ``weight_decay``, ``grad_clip`` >= 0, ``grad_clip`` may be
+            null), an unknown device, backend, precision or schedule, ``peak_fraction`` outside (0, 1),
+            ``compile``/``resume``/``activation_checkpointing`` not a boolean, fp16 without DeepSpeed, several
             processes with the torch backend, DeepSpeed config problems (:func:`atm.engine.deepspeed.check`).
     """
     from atm.engine import deepspeed as D
 
+    _check_trainer_values(cfg)
     backend = cfg.get("backend", "torch")
     if backend not in BACKENDS:
         raise AtmError(f"trainer.backend={backend!r} must be one of {', '.join(BACKENDS)}")
@@ -143,8 +147,6 @@ def check_trainer(cfg: DictConfig) -> None:
         raise AtmError(f"trainer.peak_fraction={peak!r} must be a number in (0, 1)")
     if not isinstance(cfg.get("compile", False), bool):
         raise AtmError(f"trainer.compile={cfg.compile!r} must be true or false")
-    if int(cfg.get("grad_accum_steps", 1)) < 1:
-        raise AtmError(f"trainer.grad_accum_steps={cfg.grad_accum_steps} must be at least 1")
     if backend == "torch":
         if cfg.precision == "fp16":
             raise AtmError("trainer.precision=fp16 needs loss scaling: use trainer=deepspeed (or bf16)")
@@ -152,6 +154,42 @@ def check_trainer(cfg: DictConfig) -> None:
             raise AtmError(f"{D.world()[1]} processes need trainer=deepspeed (trainer.backend=torch trains in one)")
     else:
         D.check(cfg)
+
+
+#: The trainer's counts: key -> (smallest value, null allowed). The loop reads them as Python ints.
+_TRAINER_COUNTS = {"max_steps": (1, False), "batch_size": (1, False), "grad_accum_steps": (1, False),
+                   "log_every": (1, False), "warmup_steps": (0, False), "save_every": (1, True),
+                   "state_every": (1, True), "keep_last": (1, True)}
+#: The trainer's rates: key -> (lower bound, bound included, null allowed).
+_TRAINER_RATES = {"lr": (0.0, False, False), "weight_decay": (0.0, True, False), "grad_clip": (0.0, True, True)}
+
+
+def _check_trainer_values(cfg: DictConfig) -> None:
+    """Range checks of the ``trainer`` counts, rates, device and flags (:func:`check_trainer`).
+
+    Raises:
+        AtmError: ``trainer.<key>=<value> must be ...``, naming the first bad key.
+    """
+    for key, (low, nullable) in _TRAINER_COUNTS.items():
+        value = cfg.get(key, None if nullable else low)
+        if value is None and nullable:
+            continue
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise AtmError(f"trainer.{key}={value!r} must be an integer >= {low}" + (" or null" if nullable else ""))
+    for key, (low, closed, nullable) in _TRAINER_RATES.items():
+        value = cfg.get(key)
+        if value is None and nullable:
+            continue
+        if (isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value)
+                or not (value >= low if closed else value > low)):
+            bound = f">= {low:g}" if closed else f"> {low:g}"
+            raise AtmError(f"trainer.{key}={value!r} must be a number {bound}" + (" or null" if nullable else ""))
+    device = cfg.get("device", "auto")
+    if not isinstance(device, str) or not (device in ("auto", "cpu", "cuda") or device.startswith("cuda:")):
+        raise AtmError(f"trainer.device={device!r} must be auto, cpu, cuda or cuda:<index>")
+    for key in ("compile", "resume", "activation_checkpointing"):
+        if not isinstance(cfg.get(key, False), bool):
+            raise AtmError(f"trainer.{key}={cfg.get(key)!r} must be true or false")
 
 
 def enable_activation_checkpointing(module: torch.nn.Module) -> int:
@@ -257,6 +295,9 @@ def fit(module: torch.nn.Module, stream: Iterator[dict], loss_fn: LossFn, cfg: D
 
     Raises:
         FloatingPointError: the loss became NaN or infinite.
+        atm.errors.Interrupted: SIGINT (Ctrl-C) arrived: one line ``interrupted at step N; rerun the same command
+            to resume ...`` (exit status 130 in the CLI); the active MLflow run has been ended KILLED (rank 0), a
+            state write in progress was completed first (:func:`atm.engine.state.deferred_sigint`).
         AtmError: bad trainer config (:func:`check_trainer`); an unreadable state (:func:`atm.engine.state.load`);
             a state of a different number of processes; the run is being trained by another process.
     """
@@ -282,7 +323,8 @@ def fit(module: torch.nn.Module, stream: Iterator[dict], loss_fn: LossFn, cfg: D
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_autocast)
     run_dir = Path(state_dir) if state_dir is not None else None
     progress_state = {"step": 0, "window": {}, "window_steps": 0, "samples": 0, "seconds": 0.0, "last": {}}
-    with S.claim(run_dir) if run_dir is not None and main else nullcontext():
+    with S.claim(run_dir) if run_dir is not None and main else nullcontext(), \
+            _interruption(cfg, run_dir, main) as interruption:
         if run_dir is not None:
             _resume(run_dir, backend, stream, callbacks, progress_state)
         if log_metrics:
@@ -296,7 +338,9 @@ def fit(module: torch.nn.Module, stream: Iterator[dict], loss_fn: LossFn, cfg: D
         first = progress_state["step"] + 1
         progress = tqdm(range(first, cfg.max_steps + 1), desc=desc, leave=False, mininterval=2.0,
                         initial=first - 1, total=cfg.max_steps, **({} if main else {"disable": True}))
+        interruption.progress = progress
         for step in progress:
+            interruption.step = step
             sums: dict[str, float] = {}
             for _ in range(accum):
                 batch = to_device(next(stream), device)
@@ -344,6 +388,38 @@ def fit(module: torch.nn.Module, stream: Iterator[dict], loss_fn: LossFn, cfg: D
         mlflow.log_metrics(totals, step=cfg.max_steps)
     module.eval()
     return {f"{metric_prefix}/loss": last.get(f"{metric_prefix}/loss", math.nan), **totals}
+
+
+class _Interruption:
+    """What :func:`_interruption` needs to report a Ctrl-C: the step being trained and the progress bar."""
+
+    step: int | None = None
+    progress: Any = None
+
+
+@contextmanager
+def _interruption(cfg: DictConfig, run_dir: Path | None, main: bool) -> Iterator[_Interruption]:
+    """Turn a ``KeyboardInterrupt`` inside the block into :class:`atm.errors.Interrupted` (one line saying how
+    to resume), after ending the active MLflow run ``KILLED`` on rank 0 (a killed run is resumable)."""
+    import mlflow
+
+    holder = _Interruption()
+    try:
+        yield holder
+    except KeyboardInterrupt:
+        if holder.progress is not None:
+            holder.progress.close()
+        if main and mlflow.active_run() is not None:
+            mlflow.end_run("KILLED")
+        at = f"at step {holder.step}" if holder.step is not None else "before the first step"
+        found = S.latest(run_dir) if run_dir is not None else None
+        if found is not None:
+            how = f"resume (from its training state {found})"
+        elif run_dir is not None:
+            how = f"start over (no training state was written yet; trainer.state_every={cfg.get('state_every')})"
+        else:
+            how = "start over (trainer.state_every is unset: set it to make a run resumable)"
+        raise Interrupted(f"interrupted {at}; rerun the same command to {how}", holder.step or 0) from None
 
 
 def _stateful(callbacks: Sequence[Callable]) -> dict[str, Any]:

@@ -10,7 +10,11 @@ Every ``trainer.state_every`` optimiser steps ``fit`` writes ``<trainer.state_di
 * ``manifest.json`` — format, step, world size and the size and sha256 of each file.
 
 A state is written into a temporary directory, fsynced, then renamed (:func:`atm.files.atomic_dir`), so a
-crash leaves either a complete state or none; the newest ``trainer.keep_last`` states are kept. Loading verifies
+crash leaves either a complete state or none; a full disk raises a one-line :class:`AtmError` naming the file and
+leaves nothing. The newest ``trainer.keep_last`` states are kept: older ones are first renamed out of sight
+(``.step-<N>.del-*``, oldest first), then deleted, so no reader ever sees a half-deleted state, and leftovers of a
+killed writer or pruner are removed by the next save. SIGINT (Ctrl-C) is held back while a state is written or
+pruned (:func:`deferred_sigint`) and delivered when that is done. Loading verifies
 the manifest: a missing, truncated or corrupt file raises a one-line :class:`AtmError` naming the file and
 the previous state. atm does **not** fall back to an older state by itself (that would silently retrain
 steps and hide a disk problem) and never deletes a state it cannot read: delete the bad ``step-<N>``
@@ -22,11 +26,17 @@ kernel when the process dies, even by SIGKILL), so a run is resumable only when 
 
 from __future__ import annotations
 
+import errno
 import hashlib
+import io
 import json
+import os
 import pickle
 import random
 import shutil
+import signal
+import threading
+import uuid
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
@@ -36,7 +46,7 @@ import torch
 from omegaconf import DictConfig
 
 from atm.errors import AtmError
-from atm.files import atomic_dir, file_lock, fsync, is_locked
+from atm.files import atomic_dir, file_lock, is_locked
 
 PREFIX = "step-"
 MANIFEST = "manifest.json"
@@ -156,9 +166,52 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+@contextmanager
+def deferred_sigint() -> Iterator[None]:
+    """Hold SIGINT back for the block: a Ctrl-C arriving inside it is delivered (``KeyboardInterrupt`` from
+    Python's default handler, or the handler that was installed) when the block has ended normally.
+
+    Only the main thread receives signals; elsewhere (and when no Python handler can be installed) the block
+    runs unchanged. When the block raises, its exception wins and the held-back SIGINT is dropped.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    received: list[int] = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: received.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if received:
+        if callable(previous):
+            previous(signal.SIGINT, None)
+        elif previous != signal.SIG_IGN:  # SIG_DFL, or a handler not installed from Python
+            raise KeyboardInterrupt
+
+
+def _write(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` and fsync it (raises OSError, e.g. ENOSPC, naming nothing)."""
+    with open(path, "wb") as handle:
+        handle.write(data)
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
+def _write_error(err: OSError, final: Path) -> AtmError:
+    """The one-line error of a failed state write; ``err.filename`` is a temporary name, ``final`` is named."""
+    if err.errno in (errno.ENOSPC, errno.EDQUOT):
+        return AtmError(f"no space left on device writing training state {final} (nothing was kept; free space "
+                        "and rerun the same command to resume from the previous state)")
+    return AtmError(f"cannot write training state {final}: {err.strerror or err}")
+
+
 def save(run_dir: Path, step: int, model_state: dict[str, torch.Tensor], trainer_state: dict[str, Any],
          keep_last: int | None, world_size: int = 1) -> Path:
-    """Write state ``step`` atomically under ``run_dir`` and apply the retention limit.
+    """Write state ``step`` atomically under ``run_dir`` and apply the retention limit (:func:`prune`).
+
+    The caller must own the run (:func:`claim`): leftovers of killed writers are deleted. SIGINT is held
+    back until the state is written and pruned (:func:`deferred_sigint`).
 
     Args:
         model_state: ``module.state_dict()`` of everything trained (tensors; tied tensors are stored once).
@@ -167,37 +220,64 @@ def save(run_dir: Path, step: int, model_state: dict[str, torch.Tensor], trainer
 
     Returns:
         The state directory ``run_dir/step-<step>``.
-    """
-    from safetensors.torch import save_file
 
-    run_dir.mkdir(parents=True, exist_ok=True)
+    Raises:
+        AtmError: the state cannot be written (``"no space left on device writing training state <dir> ..."``
+            for a full disk or quota); nothing of it is left behind and older states are kept.
+    """
     final = run_dir / f"{PREFIX}{step:06d}"
-    if final.exists():  # written before a crash by the same (deterministic) run
-        return final
+    with deferred_sigint():
+        try:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            if not final.exists():  # else written before a crash by the same (deterministic) run
+                _write_state(final, step, model_state, trainer_state, world_size)
+        except OSError as err:
+            raise _write_error(err, final) from None
+        prune(run_dir, keep_last)
+    return final
+
+
+def _write_state(final: Path, step: int, model_state: dict[str, torch.Tensor], trainer_state: dict[str, Any],
+                 world_size: int) -> None:
+    """Serialise in memory, then write and fsync the files into a temporary directory renamed to ``final``
+    (writes raise plain ``OSError``: safetensors' and torch's own file writers hide ENOSPC)."""
+    from safetensors.torch import save as safetensors_bytes
+
+    unique, seen = {}, {}
+    for name, tensor in model_state.items():  # tied weights: store the first name only
+        key = (tensor.data_ptr(), tensor.dtype, tuple(tensor.shape)) if tensor.numel() else None
+        if key is not None and key in seen:
+            continue
+        if key is not None:
+            seen[key] = name
+        unique[name] = tensor.detach().cpu().contiguous()
+    tied = {n: seen[(t.data_ptr(), t.dtype, tuple(t.shape))] for n, t in model_state.items()
+            if t.numel() and n not in unique}
+    buffer = io.BytesIO()
+    torch.save(trainer_state, buffer)
+    data = {MODEL: safetensors_bytes(unique, metadata={"tied": json.dumps(tied)}), TRAINER: buffer.getvalue()}
+    files = {name: {"bytes": len(blob), "sha256": hashlib.sha256(blob).hexdigest()} for name, blob in data.items()}
+    data[MANIFEST] = json.dumps({"format": FORMAT, "step": step, "world_size": world_size, "files": files},
+                                indent=1).encode()
     # replace=False: a complete copy of this step that appeared meanwhile is kept
-    with atomic_dir(final, replace=False, durable=True) as tmp:
-        unique, seen = {}, {}
-        for name, tensor in model_state.items():  # tied weights: store the first name only
-            key = (tensor.data_ptr(), tensor.dtype, tuple(tensor.shape)) if tensor.numel() else None
-            if key is not None and key in seen:
-                continue
-            if key is not None:
-                seen[key] = name
-            unique[name] = tensor.detach().cpu().contiguous()
-        save_file(unique, str(tmp / MODEL), metadata={"tied": json.dumps(
-            {n: seen[(t.data_ptr(), t.dtype, tuple(t.shape))] for n, t in model_state.items()
-             if t.numel() and n not in unique})})
-        torch.save(trainer_state, tmp / TRAINER)
-        files = {name: {"bytes": (tmp / name).stat().st_size, "sha256": _sha256(tmp / name)}
-                 for name in (MODEL, TRAINER)}
-        (tmp / MANIFEST).write_text(json.dumps({"format": FORMAT, "step": step, "world_size": world_size,
-                                                "files": files}, indent=1))
-        for name in (MODEL, TRAINER, MANIFEST):  # atomic_dir fsyncs the directory and its parent
-            fsync(tmp / name)
+    with atomic_dir(final, replace=False, durable=True) as tmp:  # fsyncs the directory and its parent
+        for name, blob in data.items():
+            _write(tmp / name, blob)
+
+
+def prune(run_dir: Path, keep_last: int | None) -> None:
+    """Keep the newest ``keep_last`` states of ``run_dir`` (None or 0: all), atomically for every reader.
+
+    Each older state is renamed out of sight first (``.step-<N>.del-<id>``; oldest first, so a process killed
+    between two renames still leaves the newest states), then deleted with every such leftover and every
+    temporary directory a killed writer left (``.step-<N>.tmp-*``). The caller must own the run (:func:`claim`).
+    """
     if keep_last:
         for _, old in states(run_dir)[:-keep_last]:
-            shutil.rmtree(old, ignore_errors=True)
-    return final
+            os.replace(old, run_dir / f".{old.name}.del-{uuid.uuid4().hex[:8]}")
+    for leftover in run_dir.glob(f".{PREFIX}*"):
+        if leftover.is_dir() and (".del-" in leftover.name or ".tmp-" in leftover.name):
+            shutil.rmtree(leftover, ignore_errors=True)
 
 
 def load(state_dir: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any], dict[str, Any]]:

@@ -35,23 +35,94 @@ def corpus_lines(name: str, data_cfg: DictConfig, seed: int) -> list[str]:
     return [line.text for line in lines]
 
 
+def count_at_least(value, key: str, low: int = 1, *, nullable: bool = False) -> None:
+    """``value`` must be an integer >= ``low`` (or null when ``nullable``).
+
+    Raises:
+        AtmError: ``<key>=<value> must be an integer >= <low>``.
+    """
+    if value is None and nullable:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise AtmError(f"{key}={value!r} must be an integer >= {low}" + (" or null" if nullable else ""))
+
+
+def probability(value, key: str, *, low_open: bool = True, high_open: bool = True, nullable: bool = False) -> None:
+    """``value`` must be a probability in the interval (0, 1) (``low_open``/``high_open`` False: the bound is
+    included), or null when ``nullable``.
+
+    Raises:
+        AtmError: ``<key>=<value> must be a probability in (0, 1)``.
+    """
+    if value is None and nullable:
+        return
+    ok = not isinstance(value, bool) and isinstance(value, (int, float))
+    ok = ok and (value > 0 if low_open else value >= 0) and (value < 1 if high_open else value <= 1)
+    if not ok:
+        interval = f"{'(' if low_open else '['}0, 1{')' if high_open else ']'}"
+        raise AtmError(f"{key}={value!r} must be a probability in {interval}" + (" or null" if nullable else ""))
+
+
+def check_data(cfg: DictConfig) -> None:
+    """Config-time checks of the ``data`` group every stage reads (before anything trains).
+
+    Raises:
+        AtmError: ``data.max_seq_len`` < 3, ``data.packing`` not a boolean, a ``max_lines_per_source`` cap that
+            is not null or >= 1, ``data.heldout.max_lines_per_lang`` < 1.
+    """
+    length = cfg.data.max_seq_len
+    if isinstance(length, bool) or not isinstance(length, int) or length < 3:
+        raise AtmError(f"data.max_seq_len={length!r} must be an integer >= 3 (<s>, a token, </s>)")
+    packing = cfg.data.get("packing", True)
+    if not isinstance(packing, bool):
+        raise AtmError(f"data.packing={packing!r} must be true or false")
+    for corpus in ("written", "spoken"):
+        count_at_least((cfg.data.get(corpus) or {}).get("max_lines_per_source"),
+                       f"data.{corpus}.max_lines_per_source", nullable=True)
+    count_at_least((cfg.data.get("heldout") or {}).get("max_lines_per_lang", 1), "data.heldout.max_lines_per_lang")
+
+
+def check_locales(cfg: DictConfig, keys: Sequence[str] = ("locales", "eval_locales")) -> None:
+    """Every locale named in ``finetune.<key>`` for ``key`` in ``keys`` is a MASSIVE locale (read from the data
+    mirror's archive listing).
+
+    Raises:
+        AtmError: ``finetune.<key>: unknown MASSIVE locale(s) ... (available: ...)``, or the archive is missing.
+    """
+    from atm.data.massive import massive_locales
+
+    available = None
+    for key in keys:
+        values = cfg.finetune.get(key)
+        if values is None:
+            continue
+        if isinstance(values, str):
+            values = [values]
+        available = available if available is not None else massive_locales()
+        unknown = [str(loc) for loc in values if loc not in available]
+        if unknown:
+            raise AtmError(f"finetune.{key}: unknown MASSIVE locale(s) {', '.join(unknown)} "
+                           f"(available: {', '.join(available)})")
+
+
 def check_mlm_data(cfg: DictConfig) -> None:
     """Config-time checks of the MLM data and stage keys this module reads (before anything trains).
 
     Raises:
-        AtmError: ``data.packing`` not a boolean, ``data.max_seq_len`` < 3, ``stage.dropout`` not null or in
-            [0, 1).
+        AtmError: as :func:`check_data`; ``stage.corpus`` not written/spoken, ``stage.mlm_probability`` not in
+            (0, 1), ``stage.dropout`` not null or in [0, 1), ``eval.perplexity.max_lines_per_lang`` < 1.
     """
-    packing = cfg.data.get("packing", True)
-    if not isinstance(packing, bool):
-        raise AtmError(f"data.packing={packing!r} must be true or false")
-    length = cfg.data.max_seq_len
-    if isinstance(length, bool) or not isinstance(length, int) or length < 3:
-        raise AtmError(f"data.max_seq_len={length!r} must be an integer >= 3 (<s>, a token, </s>)")
+    check_data(cfg)
+    corpus = cfg.stage.get("corpus")
+    if corpus not in ("written", "spoken"):
+        raise AtmError(f"stage.corpus={corpus!r} must be 'written' or 'spoken'")
+    probability(cfg.stage.get("mlm_probability"), "stage.mlm_probability")
     dropout = cfg.stage.get("dropout")
     if dropout is not None and (isinstance(dropout, bool) or not isinstance(dropout, (int, float))
                                 or not 0.0 <= dropout < 1.0):
         raise AtmError(f"stage.dropout={dropout!r} must be null (the model's own) or a probability in [0, 1)")
+    perplexity = (cfg.get("eval") or {}).get("perplexity") or {}
+    count_at_least(perplexity.get("max_lines_per_lang", 1), "eval.perplexity.max_lines_per_lang")
 
 
 def mlm_stream(cfg: DictConfig, tokenizer):

@@ -28,19 +28,62 @@ from atm.lineage import Input
 from atm.models.attention import set_attention_scores
 from atm.models.encoder import build_mlm, count_parameters, load_checkpoint, mlm_forward
 from atm.probes.perplexity import mlm_perplexity
-from atm.stages.common import train_mlm
+from atm.stages.common import check_mlm_data, count_at_least, train_mlm
 from atm.stages.registry import stage
 
 log = logging.getLogger(__name__)
 
 
 def check(cfg: DictConfig) -> None:
-    """Config-time validation: loss, mapping, augmentation and cache settings (AtmError naming the key)."""
+    """Config-time validation: MLM data and stage keys (:func:`atm.stages.common.check_mlm_data`), loss names,
+    weights and temperatures, mapping, augmentation, teacher switch and cache settings (AtmError naming the key).
+    """
+    check_mlm_data(cfg)
     check_names(cfg.distill)
+    d = cfg.distill
+    for key, value in (("hard_weight", d.get("hard_weight")), ("logit.weight", d.logit.get("weight")),
+                       ("intermediate.weight", d.intermediate.get("weight"))):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0):
+            raise AtmError(f"distill.{key}={value!r} must be a number >= 0")
+    for key in ("temperature", "temperature_end"):
+        value = d.logit.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0):
+            raise AtmError(f"distill.logit.{key}={value!r} must be a number > 0" + (" or null" if key != "temperature"
+                                                                                    else ""))
     A.parse_config(cfg.augment)
     check_cache_config(cfg.distill)
-    if cfg.distill.switch.criterion not in ("steps", "plateau"):
-        raise AtmError(f"distill.switch.criterion={cfg.distill.switch.criterion!r} must be 'steps' or 'plateau'")
+    if d.switch.criterion not in ("steps", "plateau"):
+        raise AtmError(f"distill.switch.criterion={d.switch.criterion!r} must be 'steps' or 'plateau'")
+    for key in ("steps", "eval_every", "patience"):
+        count_at_least(d.switch.get(key), f"distill.switch.{key}", 1 if key != "steps" else 0)
+
+
+def check_inputs(cfg: DictConfig, models: dict) -> None:
+    """Checks against the inputs' model configs, before any input is trained (:func:`atm.lineage.check_inputs`):
+    the layer mapping must fit the teacher(s) (``models[role]``: its ``num_hidden_layers``, ...; None when unknown).
+
+    Raises:
+        AtmError: naming the role and ``distill.intermediate.layer_mapping``.
+    """
+    inter = cfg.distill.intermediate
+    if not inter.get("loss"):
+        return
+    from atm.distill.mapping import get_mapping
+
+    n_student = cfg.model.num_hidden_layers
+    for role in ("teacher", "teacher_next"):
+        teacher = models.get(role)
+        if not teacher or not isinstance(teacher.get("num_hidden_layers"), int):
+            continue
+        try:
+            pairs = get_mapping(inter.layer_mapping, teacher["num_hidden_layers"], n_student)
+        except AtmError as err:
+            raise AtmError(f"distill.intermediate.layer_mapping={inter.layer_mapping} with {role}={cfg.get(role)} "
+                           f"({teacher['num_hidden_layers']} layers) and model={cfg.model.get('name')} "
+                           f"({n_student} layers): {err}") from None
+        if not pairs:
+            raise AtmError(f"distill.intermediate.layer_mapping={inter.layer_mapping} maps no layer for "
+                           f"{n_student} student and {teacher['num_hidden_layers']} teacher layers ({role}={cfg.get(role)})")
 
 
 @dataclass
@@ -68,6 +111,7 @@ def _cache_for(cfg: DictConfig, source: Input, objective: DistillationObjective)
 
 
 @stage("distill_intermediate", "distill_final", reads=("model", "trainer", "data", "distill", "augment"), check=check,
+       check_inputs=check_inputs,
        aliases={"intermediate": "distill_intermediate", "final": "distill_final"}, kinds=("mlm",))
 def run(cfg: DictConfig, inputs: dict[str, Input]) -> dict[str, float]:
     """Build a fresh ``model`` student over the teacher's tokenizer and distil the teacher(s) into it."""

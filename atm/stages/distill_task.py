@@ -72,7 +72,7 @@ from atm.models.heads import (
 )
 from atm.models.tokenizer import load_tokenizer
 from atm.probes.xnli import TRAIN_LANGUAGE, evaluate_xnli, pair_stream, train_pairs
-from atm.stages.common import log_model
+from atm.stages.common import check_data, check_locales, log_model
 from atm.stages.registry import all_stages, canonical_name, stage, stages_of_kind
 from atm.tasks.massive import collator, encode, evaluate_massive, train_examples
 
@@ -114,6 +114,9 @@ def check(cfg: DictConfig) -> None:
     task = cfg.stage.get("task", "massive")
     if task not in OBJECTIVES:
         raise AtmError(f"stage.task={task!r} must be one of {', '.join(OBJECTIVES)}")
+    check_data(cfg)
+    if task == "massive":
+        check_locales(cfg)
     teacher = all_stages().get(canonical_name(str(cfg.teacher)))
     kind = f"classifier:{task}"
     if teacher is not None and any(k.startswith("classifier:") for k in teacher.kinds) and kind not in teacher.kinds:

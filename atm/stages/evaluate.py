@@ -57,6 +57,7 @@ from atm.probes.examples import concat, example_frame
 from atm.probes.mask_fill import TOP_K, Probe, rank_scores, word_mask_fill, word_ranks
 from atm.probes.perplexity import heldout_perplexities, mlm_perplexity
 from atm.probes.xnli import XnliData, check_xnli, encode_xnli, read_xnli, xnli_probe
+from atm.stages.common import check_data, count_at_least
 from atm.stages.registry import stage
 from atm.tasks.massive import read_locales
 
@@ -289,10 +290,16 @@ def check(cfg: DictConfig) -> None:
 
     Raises:
         AtmError: naming the key: ``eval.checkpoints`` not ``final``/``all``, or a bad ``eval.xnli`` setting
-            (:func:`atm.probes.xnli.check_xnli`).
+            (:func:`atm.probes.xnli.check_xnli`), a per-language cap < 1, bad ``data`` values
+            (:func:`atm.stages.common.check_data`).
     """
+    check_data(cfg)
     if cfg.eval.checkpoints not in ("final", "all"):
         raise AtmError(f"eval.checkpoints={cfg.eval.checkpoints!r} must be 'final' or 'all'")
+    for key in ("perplexity.max_lines_per_lang", "mask_fill.max_sentences_per_lang",
+                "mask_fill.max_utterances_per_locale"):
+        group, name = key.split(".")
+        count_at_least((cfg.eval.get(group) or {}).get(name, 1), f"eval.{key}", nullable=True)
     check_xnli(cfg.eval.xnli)
 
 

@@ -63,7 +63,7 @@ from atm.errors import AtmError
 from atm.models import cost
 from atm.models.encoder import load_checkpoint
 from atm.models.heads import JointIntentSlotModel
-from atm.stages.common import log_model
+from atm.stages.common import check_data, check_locales, log_model
 from atm.stages.registry import all_stages, canonical_name, stage
 from atm.stats import bootstrap_interval, mean_score, micro_f1, seed_interval
 from atm.tasks.massive import (
@@ -311,8 +311,11 @@ def check(cfg: DictConfig) -> None:
     Raises:
         AtmError: naming the key: an unknown ``setting``, empty locale lists, evaluation locales that
             contradict the setting, a cap that is not a positive integer or null, ``seeds`` not a non-empty list
-            of distinct integers, bad ``early_stopping`` settings, or a malformed ``baseline`` reference.
+            of distinct integers, bad ``early_stopping`` settings, or a malformed ``baseline`` reference; an
+            unknown MASSIVE locale (:func:`atm.stages.common.check_locales`); bad ``data`` values (:func:`atm.stages.common.check_data`);
+            ``slot_loss_coef`` < 0.
     """
+    check_data(cfg)
     ft = cfg.finetune
     if ft.setting not in SETTINGS:
         raise AtmError(f"finetune.setting={ft.setting!r} must be one of {', '.join(SETTINGS)}")
@@ -328,6 +331,10 @@ def check(cfg: DictConfig) -> None:
                        f"locales (finetune.locales={', '.join(train)})")
     for key in ("max_train_per_locale", "max_eval_per_locale"):
         _count(ft[key], f"finetune.{key}", null=True)
+    coef = ft.get("slot_loss_coef", 1.0)
+    if isinstance(coef, bool) or not isinstance(coef, (int, float)) or coef < 0:
+        raise AtmError(f"finetune.slot_loss_coef={coef!r} must be a number >= 0")
+    check_locales(cfg)
     seeds = ft.get("seeds")
     if not isinstance(seeds, Sequence) or isinstance(seeds, str) or not seeds:
         raise AtmError(f"finetune.seeds={seeds!r} must be a non-empty list of integer seeds")

@@ -22,7 +22,7 @@ from omegaconf import DictConfig
 from atm.errors import AtmError
 from atm.models.tokenizer import load_tokenizer
 from atm.probes.xnli import check_xnli, evaluate_xnli, pair_examples, train_classifier, train_pairs
-from atm.stages.common import log_model
+from atm.stages.common import check_data, log_model
 from atm.stages.registry import stage
 
 
@@ -33,6 +33,7 @@ def check(cfg: DictConfig) -> None:
     Raises:
         AtmError: naming the key.
     """
+    check_data(cfg)
     check_xnli(cfg.eval.xnli)
     if not cfg.stage.languages:
         raise AtmError("stage.languages is empty; name at least one language with a labelled XNLI test set")

@@ -52,6 +52,9 @@ class Stage:
         check: optional ``check(cfg)`` validating the config before any input is resolved or trained
             (raises AtmError naming the key).
         aliases: short names accepted wherever a stage is referenced (``teacher=stage2``).
+        check_inputs: optional ``check_inputs(cfg, models)`` validating the config against its inputs' model
+            configs (``models``: role -> the input's model config as a mapping with ``num_hidden_layers``, ...,
+            or None when unknown) in lineage's dry pass, before any input is trained (raises AtmError).
         kinds: what the stage produces, for code that picks stages by role: ``mlm`` (an MLM encoder),
             ``teacher`` (a pretraining teacher), ``classifier:<task>`` (a fine-tuned task model).
         module: the module that declared it.
@@ -65,6 +68,7 @@ class Stage:
     aliases: tuple[str, ...] = ()
     kinds: tuple[str, ...] = ()
     module: str = ""
+    check_inputs: Callable[[DictConfig, dict], None] | None = None
 
     def hashed_keys(self, cfg: DictConfig) -> tuple[str, ...]:
         """The top-level config keys of a run of ``cfg`` that enter its config hash: ``stage``, ``seed``, the
@@ -142,7 +146,8 @@ _discovered = False
 
 def stage(*names: str, reads: Sequence[str] = (), artifact: str = "checkpoint",
           check: Callable[[DictConfig], None] | None = None,
-          aliases: Sequence[str] | Mapping[str, str] = (), kinds: Sequence[str] = ()) -> Callable[[StageFn], StageFn]:
+          aliases: Sequence[str] | Mapping[str, str] = (), kinds: Sequence[str] = (),
+          check_inputs: Callable[[DictConfig, dict], None] | None = None) -> Callable[[StageFn], StageFn]:
     """Decorator: register the decorated ``run(cfg, inputs) -> metrics`` as the stage(s) ``names``.
 
     One decorator may register several names for the same function (``pretrain_stage1``,
@@ -155,6 +160,7 @@ def stage(*names: str, reads: Sequence[str] = (), artifact: str = "checkpoint",
         check: optional config-time validation ``check(cfg)`` raising AtmError naming the key.
         aliases: short names of the stage; with several ``names``, a mapping ``{alias: name}``.
         kinds: what the stage produces (``mlm``, ``teacher``, ``classifier:<task>``).
+        check_inputs: optional ``check_inputs(cfg, models)`` against the inputs' model configs (see :class:`Stage`).
 
     Raises:
         AtmError: no name, an unknown ``artifact``, an alias without its stage (several names and no mapping,
@@ -177,7 +183,8 @@ def stage(*names: str, reads: Sequence[str] = (), artifact: str = "checkpoint",
     def register(fn: StageFn) -> StageFn:
         for name in names:
             _REGISTRY.add(Stage(name, fn, tuple(reads), artifact, check,
-                                tuple(a for a, n in alias_of.items() if n == name), tuple(kinds), fn.__module__))
+                                tuple(a for a, n in alias_of.items() if n == name), tuple(kinds), fn.__module__,
+                                check_inputs))
         return fn
 
     return register

@@ -10,11 +10,29 @@ from omegaconf import DictConfig
 
 from atm import tracking
 from atm.data import corpora
+from atm.errors import AtmError
 from atm.models.tokenizer import tokenizer_stats, train_tokenizer
+from atm.stages.common import check_data, count_at_least
 from atm.stages.registry import stage
 
 
-@stage("train_tokenizer", reads=("tokenizer", "data"), artifact="tokenizer", aliases=("tokenizer",))
+def check(cfg: DictConfig) -> None:
+    """Config-time validation of the ``tokenizer`` group and the data caps it reads.
+
+    Raises:
+        AtmError: naming the key: ``tokenizer.vocab_size`` < 16 (the special tokens and a few pieces),
+            ``tokenizer.character_coverage`` not in (0, 1], ``tokenizer.max_lines_per_source`` not null or >= 1,
+            bad ``data`` values (:func:`atm.stages.common.check_data`).
+    """
+    check_data(cfg)
+    count_at_least(cfg.tokenizer.vocab_size, "tokenizer.vocab_size", 16)
+    coverage = cfg.tokenizer.character_coverage
+    if isinstance(coverage, bool) or not isinstance(coverage, (int, float)) or not 0 < coverage <= 1:
+        raise AtmError(f"tokenizer.character_coverage={coverage!r} must be a number in (0, 1]")
+    count_at_least(cfg.tokenizer.max_lines_per_source, "tokenizer.max_lines_per_source", nullable=True)
+
+
+@stage("train_tokenizer", reads=("tokenizer", "data"), artifact="tokenizer", aliases=("tokenizer",), check=check)
 def run(cfg: DictConfig, inputs: dict) -> dict[str, float]:
     """Train the tokenizer; log it (artifact ``tokenizer``) and, per language of the held-out text, the split
     ratio (sub-tokens per word) and the unknown-token portion."""

@@ -8,13 +8,18 @@ last trial of the budget, creating the MLflow parent run, training a missing tea
   across machines and is released by the server when the holder dies (SIGKILL, lost machine);
 * SQLite: an exclusive ``flock`` on a file next to the database file (:func:`atm.files.file_lock`; one
   machine, or a shared filesystem with working POSIX locks), released by the kernel when the holder dies;
-* anything else (or no storage): no lock; a warning says so once.
+* anything else: no lock; a warning says so once (no storage at all, an in-memory study, has one worker by
+  construction: no lock and no warning).
+
+:func:`store_lock` does the same for an MLflow tracking store's URI (its schema and experiment are created once,
+under it, by :func:`atm.tracking.configure`); a tracking server or a file store needs none.
 """
 
 from __future__ import annotations
 
 import hashlib
 import logging
+import os
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
@@ -76,7 +81,45 @@ def storage_lock(url: str | None, key: str) -> Iterator[None]:
             with file_lock(path):
                 yield
             return
-    if kind not in _WARNED:
+    if kind != "none" and kind not in _WARNED:
         _WARNED.add(kind)
         log.warning("no cross-process lock for storage backend %r: run one sweep worker at a time", kind)
     yield
+
+
+def absolute_url(url: str | None) -> str | None:
+    """``url`` with a relative SQLite database path made absolute (from the working directory); others unchanged.
+
+    Raises:
+        sqlalchemy.exc.ArgumentError: ``url`` is not a SQLAlchemy URL.
+    """
+    if url is None:
+        return None
+    from sqlalchemy.engine import make_url
+
+    parsed = make_url(url)
+    db = parsed.database
+    if parsed.get_backend_name() == "sqlite" and db and db != ":memory:" and not os.path.isabs(db):
+        parsed = parsed.set(database=os.path.abspath(db))
+    return parsed.render_as_string(hide_password=False)
+
+
+#: MLflow tracking URI schemes that are SQLAlchemy databases (``mlflow.store.db.db_types``).
+_DB_SCHEMES = ("sqlite", "postgresql", "mysql", "mssql")
+
+
+@contextmanager
+def store_lock(uri: str, key: str) -> Iterator[None]:
+    """Hold an exclusive lock named ``key`` for the MLflow tracking store ``uri``: :func:`storage_lock` in the
+    store's own database (SQLite: a file lock next to the file; PostgreSQL: an advisory lock); no lock for a
+    tracking server (``http(s)://``, it creates its schema once itself) or a file store.
+
+    Raises:
+        sqlalchemy.exc.OperationalError: the PostgreSQL server cannot be reached.
+    """
+    scheme = uri.split(":", 1)[0].split("+", 1)[0].lower() if "://" in uri else ""
+    if scheme not in _DB_SCHEMES:
+        yield
+        return
+    with storage_lock(uri, key):
+        yield

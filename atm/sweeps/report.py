@@ -195,9 +195,12 @@ def report(study: Any, sweep_dir: str | Path, config: Any = None) -> Path:
     write_report(study, out, names)
     if config is not None and config.get("tracking") is not None:
         from atm import tracking
+        from atm.sweeps.locks import absolute_url
 
         experiment_id = tracking.configure(config)
-        storage = getattr(study._storage, "url", None)
+        # the URL the sweeper opened (and passed to its jobs as optuna.storage): relative SQLite paths are
+        # taken from the launch directory, where this hook runs
+        storage = absolute_url(OmegaConf.select(config, "hydra.sweeper.storage", default=None))
         parent = log_to_parent(study, out, storage, experiment_id)
         log.info("sweep report: %s (MLflow parent run %s, artifacts report/)", out, parent)
     else:

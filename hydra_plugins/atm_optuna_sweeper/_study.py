@@ -18,8 +18,8 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 import optuna
 from optuna.trial import TrialState
 
-from atm.sweeps import WORKER_ATTR
-from atm.sweeps.locks import storage_lock
+from atm.sweeps import RUN_ATTR, WORKER_ATTR
+from atm.sweeps.locks import absolute_url, storage_lock
 from atm.sweeps.pruners import SweepError
 
 log = logging.getLogger(__name__)
@@ -37,18 +37,10 @@ def normalize_storage(url: Optional[str]) -> Optional[str]:
     Raises:
         SweepError: naming ``hydra.sweeper.storage``, for a URL SQLAlchemy cannot parse.
     """
-    if url is None:
-        return None
-    from sqlalchemy.engine import make_url
-
     try:
-        parsed = make_url(url)
+        return absolute_url(url)  # what the report hook (atm.sweeps.report) computes from the same setting
     except Exception as e:
         raise SweepError(f"hydra.sweeper.storage: bad URL {url!r}: {e}") from None
-    db = parsed.database
-    if parsed.get_backend_name() == "sqlite" and db and db != ":memory:" and not os.path.isabs(db):
-        parsed = parsed.set(database=os.path.abspath(db))
-    return parsed.render_as_string(hide_password=False)
 
 
 def safe_url(url: Optional[str]) -> str:
@@ -58,6 +50,31 @@ def safe_url(url: Optional[str]) -> str:
     from sqlalchemy.engine import make_url
 
     return make_url(url).render_as_string(hide_password=True)
+
+
+#: Top-level packages whose exceptions are database or driver failures (store initialisation, a lost connection,
+#: a lock timeout): a trial that fails with one before its stage started is retried (:func:`infrastructure_failure`).
+_INFRA_PACKAGES = ("sqlalchemy", "alembic", "sqlite3", "psycopg2", "psycopg", "pymysql", "MySQLdb")
+
+
+def infrastructure_failure(err: BaseException) -> bool:
+    """Whether ``err`` is a failure of the infrastructure rather than of the recipe: ``err`` or an exception it
+    was raised from (``__cause__``, or ``__context__`` unless suppressed) is a database/driver error
+    (:data:`_INFRA_PACKAGES`), Optuna's ``StorageInternalError``, a ``ConnectionError`` or a ``TimeoutError``.
+
+    An ``AtmError`` about the config is raised ``from None`` or with no cause: not an infrastructure failure;
+    one wrapping a store error (``tracking store ... is not usable``) is.
+    """
+    seen: set = set()
+    e: Optional[BaseException] = err
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if type(e).__module__.split(".")[0] in _INFRA_PACKAGES or isinstance(
+            e, (ConnectionError, TimeoutError, optuna.exceptions.StorageInternalError)
+        ):
+            return True
+        e = e.__cause__ if e.__cause__ is not None or e.__suppress_context__ else e.__context__
+    return False
 
 
 def worker_name() -> str:
@@ -161,12 +178,13 @@ def open_study(
         where = safe_url(url)
         raise SweepError(f"hydra.sweeper.storage: cannot open {where}: {why}") from None
     try:
-        study = optuna.create_study(
-            storage=storage,
-            study_name=name,
-            directions=directions,
-            load_if_exists=load_if_exists,
-        )
+        with storage_lock(url, "atm_optuna/init"):  # one worker creates the study, the others load it
+            study = optuna.create_study(
+                storage=storage,
+                study_name=name,
+                directions=directions,
+                load_if_exists=load_if_exists,
+            )
     except optuna.exceptions.DuplicatedStudyError:
         raise SweepError(
             f"hydra.sweeper.study_name: study {name!r} already exists in {safe_url(url)}"
@@ -224,6 +242,40 @@ def ask_within_budget(
                 heart.add([trial._trial_id])
             asked.append(trial)
         return asked
+
+
+def stage_started(study: optuna.Study, trial: optuna.Trial) -> bool:
+    """Whether the job of ``trial`` attached an MLflow run to it (:func:`atm.sweeps.attach`, just before the stage
+    runs): the trial has a ``mlflow_run_id`` user attribute other than the one a retry inherits from the trial
+    it repeats."""
+    frozen = study._storage.get_trial(trial._trial_id)
+    run_id = frozen.user_attrs.get(RUN_ATTR)
+    history = frozen.system_attrs.get("retry_history") or []
+    if not run_id or not history:
+        return bool(run_id)
+    previous = study._storage.get_trial_id_from_study_id_trial_number(study._study_id, history[-1])
+    return study._storage.get_trial(previous).user_attrs.get(RUN_ATTR) != run_id
+
+
+def retry_failed(study: optuna.Study, trial: optuna.Trial, max_retry: Optional[int]) -> Optional[int]:
+    """Fail ``trial`` and enqueue its retry with the same params, as for a trial whose worker died (Optuna's
+    ``RetryHeartbeatStaleTrialCallback``: system attrs ``failed_trial``, ``retry_history``); at most
+    ``max_retry`` retries of one original trial (None: 3, so that a store that stays broken ends the sweep).
+
+    Returns:
+        the number of retries the original trial had before this one, or None when none was enqueued (the
+        limit reached, or ``max_retry`` 0).
+    """
+    frozen = study.tell(trial, state=TrialState.FAIL, skip_if_finished=True)
+    limit = 3 if max_retry is None else max_retry
+    history = frozen.system_attrs.get("retry_history", [])
+    if frozen.state != TrialState.FAIL or len(history) >= limit:
+        return None
+    callback = retry_callback(limit)
+    if callback is None:
+        return None
+    callback(study, frozen)
+    return len(history)
 
 
 def fail_interrupted(study: optuna.Study, trials: Sequence[optuna.Trial], callback: Optional[Any]) -> None:

@@ -32,10 +32,13 @@ from ._study import (
     ask_within_budget,
     fail_interrupted,
     first_line,
+    infrastructure_failure,
     normalize_storage,
     open_study,
     retry_callback,
+    retry_failed,
     safe_url,
+    stage_started,
 )
 from ._validation import SweeperSettings
 
@@ -211,14 +214,18 @@ class AtmOptunaSweeperImpl(SweeperSettings):
                 finally:
                     if heart is not None:
                         heart.discard([t._trial_id for t in trials])
+                n_retried = 0
                 for trial, result in zip(trials, results):
+                    if url is not None and self._retry_infrastructure_failure(study, trial, result):
+                        n_retried += 1  # its retry (WAITING) is asked first; it does not use up an attempt
+                        continue
                     error = self._tell(study, trial, result, len(directions))
                     if error:
                         n_failed += 1
                         first_error = first_error or f"trial #{trial.number}: {error}"
                     else:
                         n_ok += 1
-                remaining -= len(trials)
+                remaining -= len(trials) - n_retried
                 returns.append(results)
         finally:
             if heart is not None:
@@ -256,6 +263,25 @@ class AtmOptunaSweeperImpl(SweeperSettings):
             )
         except Exception as e:  # the trials are recorded; a failing plot must not fail the sweep
             log.warning(f"hydra.sweeper.report {self.report}: {first_line(e)}", exc_info=True)
+
+    def _retry_infrastructure_failure(self, study: optuna.Study, trial: optuna.Trial, result: JobReturn) -> bool:
+        """A job that failed before its stage started (no MLflow run attached to the trial) with a database or
+        connection error (:func:`._study.infrastructure_failure`, e.g. a store being created by another worker)
+        is not the recipe's fault: its trial is failed and retried with the same params, like a trial whose
+        worker died (:func:`._study.retry_failed`, up to ``max_retry`` times). Returns whether it was retried."""
+        err = result._return_value
+        if result.status == JobStatus.COMPLETED or not isinstance(err, BaseException):
+            return False
+        if not infrastructure_failure(err) or stage_started(study, trial):
+            return False
+        retries = retry_failed(study, trial, self.max_retry)
+        if retries is None:
+            return False  # recorded as FAIL by retry_failed; _tell logs it
+        log.warning(
+            f"trial #{trial.number} failed before its stage started ({first_line(err)}); retried with the same"
+            f" params (retry {retries + 1})"
+        )
+        return True
 
     def _tell(
         self, study: optuna.Study, trial: optuna.Trial, result: JobReturn, n_obj: int
