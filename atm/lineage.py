@@ -183,7 +183,11 @@ def _check_role(role: str, cfg: DictConfig, chain: tuple[str, ...], seen: set, r
     if ref is None or str(ref) == "":
         raise AtmError(f"input '{role}' of stage {cfg.stage.name} is not set (give {role}=<stage|runs:/id|path>)")
     ref = str(ref)
-    needed = "tokenizer" if role == "tokenizer_run" else tracking.CHECKPOINT
+    # what the role needs: atm's own stages load a tokenizer (tokenizer_run) or a model checkpoint (every other
+    # role); a stage declared outside atm says what its roles accept in its own check_inputs
+    needed = None
+    if stage_of(cfg).module.startswith("atm."):
+        needed = "tokenizer" if role == "tokenizer_run" else tracking.CHECKPOINT
     if ref.startswith("runs:/"):
         runs.append((role, ref[len("runs:/"):].strip("/")))
         return None
@@ -201,13 +205,13 @@ def _check_role(role: str, cfg: DictConfig, chain: tuple[str, ...], seen: set, r
     else:
         path = Path(ref).expanduser()
         if path.is_dir():
-            return _check_path(role, path, needed)
+            return _check_path(role, path, needed) if needed else None
         sub_cfg = _declared_elsewhere(cfg, ref)
         if sub_cfg is None:
             raise AtmError(f"{role}={ref!r} is neither a stage ({', '.join(sorted(all_stages()))}), a run "
                            f"(runs:/<id>) nor an existing checkpoint directory")
     sub = stage_of(sub_cfg)
-    if sub.artifact != needed:
+    if needed and sub.artifact != needed:
         raise AtmError(f"{role}={ref}: stage {sub.name} produces a {sub.artifact}, not the {needed} that "
                        f"role {role} of stage {cfg.stage.name} needs")
     if sub.name in chain:

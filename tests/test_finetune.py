@@ -452,7 +452,7 @@ def test_one_line_errors(store, data_env, encoder_dir, tok, tmp_path):  # noqa: 
     # in-process (the CLI prints these as `error: <message>`, exit status 2): a locale without data, a baseline
     # evaluated on other locales
     for args, message in (
-            (["finetune.locales=[xx-XX]"], "finetune.eval_locales: unknown MASSIVE locale 'xx-XX'"),
+            (["finetune.locales=[xx-XX]"], "finetune.locales: unknown MASSIVE locale(s) xx-XX (available: "),
             (["finetune.locales=[fr-FR]", f"baseline=runs:/{run_a}"],
              f"baseline=runs:/{run_a} was not evaluated on MASSIVE locale(s) fr-FR (it has: de-DE, en-US)")):
         cfg = compose_stage("finetune", [f"encoder={encoder_dir}", f"tracking.uri=sqlite:///{store}/mlflow.db",
