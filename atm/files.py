@@ -76,8 +76,15 @@ def atomic_dir(path: Path | str, *, replace: bool = True, durable: bool = False)
         replace: an existing ``path`` is replaced (moved aside, then removed); with ``replace=False`` an
             existing ``path`` (another process renamed its copy first) is kept and the new copy discarded.
         durable: fsync the directory and its parent around the rename.
+
+    Raises:
+        AtmError: ``path`` exists and is not a directory (checked before anything is written).
     """
     path = Path(path)
+    if path.exists() and not path.is_dir():
+        from atm.errors import AtmError
+
+        raise AtmError(f"{path}: exists and is not a directory")
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.tmp-"))
     try:

@@ -245,3 +245,14 @@ def test_file_lock_excludes_other_processes(tmp_path):
         for proc in procs:
             _kill(proc)
     assert counter.read_text() == "80"
+
+
+def test_atomic_dir_refuses_a_file_and_writes_nothing(tmp_path):
+    from atm.errors import AtmError
+
+    target = tmp_path / "ckpt"
+    target.write_text("not a directory")
+    with pytest.raises(AtmError, match=r"ckpt: exists and is not a directory$"):
+        with atomic_dir(target):
+            pass
+    assert target.read_text() == "not a directory" and sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]

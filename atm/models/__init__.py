@@ -12,7 +12,6 @@ from typing import TYPE_CHECKING, Any
 _EXPORTS: dict[str, str] = {
     # tokenizer
     "SPECIAL_TOKENS": "tokenizer",
-    "atomic_directory": "tokenizer",
     "check_compatible": "tokenizer",
     "load_tokenizer": "tokenizer",
     "tokenizer_stats": "tokenizer",
@@ -72,6 +71,6 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
         load_joint_model, load_pair_classifier, word_predictions,
     )
     from atm.models.tokenizer import (  # noqa: F401
-        SPECIAL_TOKENS, atomic_directory, check_compatible, load_tokenizer, tokenizer_stats,
+        SPECIAL_TOKENS, check_compatible, load_tokenizer, tokenizer_stats,
         train_tokenizer,
     )

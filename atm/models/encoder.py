@@ -24,11 +24,11 @@ from typing import Any
 import torch
 
 from atm.errors import AtmError
+from atm.files import atomic_dir
 from atm.models.tokenizer import (
     SPM_MODEL_FILE,
     TRAINING_ARGS_FILE,
     _check_special_ids,
-    atomic_directory,
     check_compatible,
     load_tokenizer,
 )
@@ -356,7 +356,7 @@ def save_checkpoint(model, tokenizer, out_dir: str | os.PathLike) -> Path:
     """
     check_compatible(tokenizer, model.config)
     out = Path(out_dir)
-    with atomic_directory(out) as tmp:
+    with atomic_dir(out) as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         _clamp_model_max_length(tmp, model.config)

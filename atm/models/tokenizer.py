@@ -23,8 +23,7 @@ import json
 import os
 import random
 import re
-from collections.abc import Iterable, Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +33,6 @@ from atm.files import atomic_dir
 __all__ = [
     "SPECIAL_TOKENS",
     "SPM_MODEL_FILE",
-    "atomic_directory",
     "check_compatible",
     "load_tokenizer",
     "tokenizer_stats",
@@ -54,26 +52,6 @@ DEFAULT_NUM_THREADS = 4
 _N_CHECK_SENTENCES = 200
 
 _TOO_HIGH = re.compile(r"Vocabulary size too high \((\d+)\)\. Please set it to a value <= (\d+)")
-
-
-@contextmanager
-def atomic_directory(out_dir: str | os.PathLike) -> Iterator[Path]:
-    """Yield a fresh temporary directory next to ``out_dir`` that replaces ``out_dir`` on success.
-
-    :func:`atm.files.atomic_dir`, refusing a path that is a file: the temporary directory lives in
-    ``out_dir``'s parent (same file system), so the final step is a ``rename`` and readers never see a
-    half-written directory.  An existing ``out_dir`` is moved aside, replaced and then deleted (everything
-    in it is lost).  If the ``with`` body raises, the temporary directory is removed and ``out_dir`` is left
-    untouched.
-
-    Raises:
-        AtmError: ``out_dir`` exists and is not a directory.
-    """
-    out_dir = Path(out_dir)
-    if out_dir.exists() and not out_dir.is_dir():
-        raise AtmError(f"{out_dir}: exists and is not a directory")
-    with atomic_dir(out_dir) as tmp:
-        yield tmp
 
 
 def _sentences(lines: Iterable[str], max_sentences: int | None, seed: int) -> list[str]:
@@ -253,7 +231,7 @@ def train_tokenizer(
         "n_sentences": len(sentences),
         "special_tokens": SPECIAL_TOKENS,
     }
-    with atomic_directory(out_dir) as tmp:
+    with atomic_dir(out_dir) as tmp:
         tokenizer.save_pretrained(tmp)
         (tmp / SPM_MODEL_FILE).write_bytes(model_bytes)
         (tmp / TRAINING_ARGS_FILE).write_text(json.dumps(args, indent=2) + "\n")
