@@ -35,7 +35,7 @@ from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from atm.errors import AtmError
+from atm.errors import ArgumentParser, AtmError
 from atm.tracking import DEFAULT_URI, TAG_INPUT, TAG_STAGE, TAG_SWEEP, TAG_SWEEP_PARENT, tracking_uri
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -98,7 +98,7 @@ def analysis_parser(name: str, description: str, run_ids_help: str) -> argparse.
     (repeatable; what the ids select is ``run_ids_help``), ``--out DIR`` (default
     ``analysis/out/<name>``) and ``--no-log``.
     """
-    parser = argparse.ArgumentParser(prog=f"python analysis/{name}.py", description=description)
+    parser = ArgumentParser(prog=f"python analysis/{name}.py", description=description)
     add_store_args(parser)
     parser.add_argument("--run-id", dest="run_ids", action="extend", nargs="+", metavar="RUN_ID",
                         help=run_ids_help)

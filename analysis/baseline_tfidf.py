@@ -28,7 +28,8 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from atm.errors import AtmError
+from analysis._store import cli
+from atm.errors import ArgumentParser, AtmError
 
 #: Inverse L2 regularisation strength of the logistic regression (chosen on en-US: 5, 10 and 20 agree within
 #: 0.2 points of accuracy).
@@ -121,7 +122,7 @@ def describe(result: BaselineResult) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python analysis/baseline_tfidf.py", description=(
+    parser = ArgumentParser(prog="python analysis/baseline_tfidf.py", description=(
         "TF-IDF + logistic-regression intent baseline on MASSIVE: train on a locale's train split, report "
         "intent accuracy (95% bootstrap interval) on its full test split and the seconds it took."))
     parser.add_argument("--locale", default="en-US", help="MASSIVE locale (default: en-US)")
@@ -133,14 +134,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """CLI entry point; returns the exit status (0 ok, 2 user error)."""
-    args = build_parser().parse_args(argv)
-    try:
-        result = tfidf_intent_baseline(args.locale, args.max_train, args.seed)
-    except AtmError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    print(describe(result))
-    return 0
+    def run(args: argparse.Namespace) -> int:
+        print(describe(tfidf_intent_baseline(args.locale, args.max_train, args.seed)))
+        return 0
+
+    return cli(build_parser, run, argv)
 
 
 if __name__ == "__main__":

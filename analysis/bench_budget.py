@@ -32,7 +32,6 @@ import os
 
 os.environ.setdefault("TQDM_DISABLE", "1")  # before tqdm is imported: no progress bars from fit
 
-import argparse
 import csv
 import math
 import statistics
@@ -40,6 +39,8 @@ import threading
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+
+from atm.errors import ArgumentParser
 
 import torch
 from omegaconf import OmegaConf
@@ -296,7 +297,7 @@ def tokenizer_for(work: Path):
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--preset", default="teacher_tiny", help="model preset (conf/model) or HxLxF")
     p.add_argument("--minutes", type=float, default=10.0, help="wall budget per variant")
     p.add_argument("--compare", action="store_true", help="baseline, then each change cumulatively")

@@ -16,13 +16,14 @@ test (wall seconds depend on the machine's load; steps do not). Needs the data (
 
 from __future__ import annotations
 
-import argparse
 import os
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from atm.errors import ArgumentParser
 
 REPO = Path(__file__).resolve().parents[1]
 # Smaller data and evaluation than the defaults, so that both sweeps fit in about 10 minutes on 2 CPU cores.
@@ -55,7 +56,7 @@ def summarise(study, max_steps: int) -> dict[str, float]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workdir", type=Path, default=None, help="where the stores go (default: a temp dir)")
     parser.add_argument("--trials", type=int, default=10, help="trials per sweep")
     parser.add_argument("--steps", type=int, default=120, help="training steps per (unpruned) trial")

@@ -12,7 +12,6 @@ cache size on disk. A script, not a timed test. Needs the data (``ATM_DATA_MIRRO
 
 from __future__ import annotations
 
-import argparse
 import os
 import shutil
 import subprocess
@@ -22,6 +21,7 @@ import time
 from pathlib import Path
 
 from analysis._store import RunIndex, local_store_uri
+from atm.errors import ArgumentParser
 from atm.tracking import TAG_SWEEP, TAG_TRIAL
 
 REPO = Path(__file__).resolve().parents[1]
@@ -63,7 +63,7 @@ def _flops_ratio() -> float:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workdir", type=Path, default=None, help="where the MLflow store goes (default: a temp dir)")
     parser.add_argument("--steps", type=int, default=300, help="distillation steps per trial")
     args = parser.parse_args(argv)

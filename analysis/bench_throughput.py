@@ -32,13 +32,14 @@ sides. Peak: dense bf16 tensor-core FLOP/s of the device (table ``PEAK_BF16_TFLO
 
 from __future__ import annotations
 
-import argparse
 import os
 import statistics
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from atm.errors import ArgumentParser
 
 REPO = Path(__file__).resolve().parents[1]
 #: Dense (no sparsity) bf16 tensor-core peaks in TFLOP/s from NVIDIA's data sheets, matched against
@@ -167,7 +168,7 @@ def run_trainer(model, examples, tokenizer, args, device, out_dir: str) -> tuple
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="teacher_small", help="atm model preset (conf/model/<name>.yaml)")
     parser.add_argument("--steps", type=int, default=20, help="timed optimiser steps per run")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps before them (also the LR warm-up)")

@@ -9,7 +9,8 @@ has completed) and each repeat, starts ``--workers`` copies of
 ``python -m atm.train -m +sweep=<sweep> hydra.sweeper.n_trials=<trials>`` at once on stores that none of them has
 created (the README's "Several workers" example, with tiny training settings), waits for them, and prints one row:
 the Optuna study's COMPLETE / FAIL / other trial counts, whether it has exactly ``n_trials`` COMPLETE and FAIL only
-for the killed trial (none when the kill landed just after its worker recorded it COMPLETE), the MLflow runs per trial (``runs/trial``: min-max), migration tables left behind
+for the killed trial (none when the kill landed just after its worker recorded it COMPLETE), the MLflow runs per trial (``runs/trial``: min-max), trials whose MLflow run status is not the one their state
+implies (``status≠``: COMPLETE -> FINISHED, FAIL -> FAILED), migration tables left behind
 (``_alembic_tmp_*``), workers printing the false ``no cross-process lock`` warning, live workers that exited
 non-zero, and the wall seconds. The last line says whether every run was exact. The tokenizer is trained once in
 ``<workdir>/tokenizer`` and passed to every worker as ``tokenizer_run=<dir>`` (``--train-tokenizer`` makes every
@@ -30,6 +31,8 @@ import tempfile
 import time
 import uuid
 from pathlib import Path
+
+from atm.errors import ArgumentParser
 
 REPO = Path(__file__).resolve().parents[1]
 # Tiny trials (the tests' settings): 6 steps of a tiny Stage-1 teacher on a few lines, a small evaluation.
@@ -157,6 +160,7 @@ def run_once(cwd: Path, optuna_url: str, mlflow_url: str, args: argparse.Namespa
 
     counts = {"COMPLETE": 0, "FAIL": 0, "other": 0}
     per_trial: dict[int, int] = {}
+    statuses: dict[int, set[str]] = {}
     try:
         trials = optuna.load_study(study_name=study_name, storage=optuna_url).trials
     except Exception:  # noqa: BLE001 -- the study was never created: every count stays 0
@@ -171,13 +175,19 @@ def run_once(cwd: Path, optuna_url: str, mlflow_url: str, args: argparse.Namespa
             if r.data.tags.get("optuna.trial_number") is not None:
                 number = int(r.data.tags["optuna.trial_number"])
                 per_trial[number] = per_trial.get(number, 0) + 1
+                statuses.setdefault(number, set()).add(r.info.status)
     runs = [per_trial.get(t.number, 0) for t in trials]
     texts = [log.read_text(errors="replace") for log in logs]
     # FAIL allowed only for the killed trial (which the worker may have told COMPLETE between poll and kill)
     failed = [t.number for t in trials if t.state == TrialState.FAIL]
+    # a trial's MLflow run ends as Optuna recorded the trial: COMPLETE -> FINISHED, FAIL -> FAILED
+    expected = {TrialState.COMPLETE: "FINISHED", TrialState.FAIL: "FAILED"}
+    mismatched = sum(statuses.get(t.number, set()) != {expected.get(t.state, "?")} for t in trials)
     return {
         "complete": counts["COMPLETE"], "fail": counts["FAIL"], "other": counts["other"],
-        "exact": counts["COMPLETE"] == args.trials and failed in ([], [killed_number]) and not counts["other"],
+        "exact": (counts["COMPLETE"] == args.trials and failed in ([], [killed_number]) and not counts["other"]
+                  and not mismatched),
+        "mismatched": mismatched,
         "runs": f"{min(runs)}-{max(runs)}" if runs else "-",
         "stray": len(stray_tables(mlflow_url)) + len(stray_tables(optuna_url)),
         "warned": sum(FALSE_WARNING in text for text in texts),
@@ -187,7 +197,7 @@ def run_once(cwd: Path, optuna_url: str, mlflow_url: str, args: argparse.Namespa
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=5, help="runs per backend and kill mode")
     parser.add_argument("--workers", type=int, default=3, help="workers started together")
     parser.add_argument("--trials", type=int, default=6, help="n_trials of the study")
@@ -213,7 +223,7 @@ def main(argv: list[str] | None = None) -> int:
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="atm-bench-workers-"))
     tokenizer = None if args.train_tokenizer else train_tokenizer(workdir)
     header = (f"{'backend':<10} {'kill':<4} {'rep':>3} {'COMPLETE':>8} {'FAIL':>4} {'other':>5} {'exact':>5} "
-              f"{'runs/trial':>10} {'stray':>5} {'warned':>6} {'bad_exit':>8} {'wall_s':>7}")
+              f"{'runs/trial':>10} {'status≠':>7} {'stray':>5} {'warned':>6} {'bad_exit':>8} {'wall_s':>7}")
     print(f"{args.workers} workers, n_trials={args.trials}, +sweep={args.sweep}, {args.repeats} repeat(s)")
     print(header)
     rows = []
@@ -232,7 +242,7 @@ def main(argv: list[str] | None = None) -> int:
                     rows.append(row)
                     print(f"{backend:<10} {'yes' if row['killed'] else 'no':<4} {rep:>3} {row['complete']:>8} "
                           f"{row['fail']:>4} {row['other']:>5} {'yes' if row['exact'] else 'NO':>5} "
-                          f"{row['runs']:>10} {row['stray']:>5} {row['warned']:>6} {row['bad_exit']:>8} "
+                          f"{row['runs']:>10} {row['mismatched']:>7} {row['stray']:>5} {row['warned']:>6} {row['bad_exit']:>8} "
                           f"{row['wall_s']:>7.0f}", flush=True)
     finally:
         if args.workdir is None:

@@ -7,6 +7,8 @@ with a one-line message that names the culprit (file and line, config key, or na
 :class:`Interrupted`, a Ctrl-C during training) instead of a traceback.
 """
 
+import argparse
+
 
 class AtmError(Exception):
     """A user-facing error with a one-line message naming the file, line, key or name at fault."""
@@ -34,3 +36,12 @@ class Interrupted(AtmError):
     def __init__(self, message: str, step: int):
         super().__init__(message)
         self.step = step
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """:class:`argparse.ArgumentParser` whose usage errors are one line, like every other atm error:
+    ``error: <message> (<prog> --help for usage)`` on stderr and exit status 2 (argparse's own prints the
+    whole usage block first). Used by the ``analysis/*.py`` scripts and ``python -m atm.sweeps.report``."""
+
+    def error(self, message: str):  # noqa: D102 - argparse's signature
+        self.exit(2, f"error: {' '.join(message.split())} ({self.prog} --help for usage)\n")

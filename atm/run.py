@@ -110,6 +110,7 @@ class RunLifecycle:
             from atm.engine.loop import check_trainer
 
             check_trainer(cfg.trainer)
+        tracking.check(cfg)
         runs = lineage.check_inputs(cfg) if check_inputs else []
         experiment_id = tracking.configure(cfg)
         lineage.check_runs(runs, cfg)

@@ -11,6 +11,10 @@
 * Tags: ``atm.stage``, ``atm.config_hash``, ``atm.input.<role>`` (the run id each input role resolved to),
   ``atm.consumed_run_ids`` (comma-joined), ``atm.sweep`` and ``optuna.trial_number`` for sweep trials.
 * A sweep is a parent run tagged ``atm.sweep_parent=<study name>``; every trial is a nested run.
+* For the MLflow UI: the experiment is of kind ``custom_model_development`` (the UI opens on its training runs);
+  a run's description lists its inputs by role as links to their runs; a sweep parent's description names the
+  best trial (a link) and shows the report's plots; ``tracking.system_metrics`` logs CPU, memory (and GPU) use
+  under ``system/`` through MLflow's system-metrics monitor (a value a minute).
 """
 
 from __future__ import annotations
@@ -37,6 +41,11 @@ TAG_INPUT = "atm.input."
 TAG_SWEEP = "atm.sweep"
 TAG_SWEEP_PARENT = "atm.sweep_parent"
 TAG_TRIAL = "optuna.trial_number"
+#: MLflow's own tags: the run's description (markdown, shown on its page) and the experiment's kind (which
+#: page the UI opens on: ``custom_model_development`` is "Training runs", not the GenAI overview).
+TAG_NOTE = "mlflow.note.content"
+TAG_EXPERIMENT_KIND = "mlflow.experimentKind"
+EXPERIMENT_KIND = "custom_model_development"
 CHECKPOINT = "checkpoint"
 CHECKPOINTS = "checkpoints"
 
@@ -54,8 +63,10 @@ def tracking_uri(cfg: DictConfig | None = None) -> str:
 def configure(cfg: DictConfig) -> str:
     """Point MLflow at the configured store and experiment; return the experiment id.
 
-    Race-free with concurrent workers on a fresh store: the store's schema (MLflow's migrations), its default
-    experiment and ``tracking.experiment`` are created by the first process to get the store's lock
+    The experiment is tagged ``mlflow.experimentKind=custom_model_development`` (created or not), so the MLflow
+    UI opens it on its training runs. Race-free with concurrent workers on a fresh store: the store's schema
+    (MLflow's migrations), its default experiment and ``tracking.experiment`` are created by the first process
+    to get the store's lock
     (:func:`atm.sweeps.locks.store_lock`: a file lock next to a SQLite file, an advisory lock in a PostgreSQL
     database), which the others wait for; they then find everything created.
 
@@ -74,6 +85,9 @@ def configure(cfg: DictConfig) -> str:
     try:
         with store_lock(uri, "atm/tracking/init"):
             experiment = mlflow.set_experiment(cfg.tracking.experiment)
+            if experiment.tags.get(TAG_EXPERIMENT_KIND) is None:  # an older experiment gets it on its next run
+                mlflow.MlflowClient().set_experiment_tag(experiment.experiment_id, TAG_EXPERIMENT_KIND,
+                                                         EXPERIMENT_KIND)
     except Exception as err:  # mlflow raises many types for an unreachable or broken store
         raise AtmError(f"tracking store {uri} is not usable: {str(err).strip().splitlines()[0]}") from err
     return experiment.experiment_id
@@ -261,6 +275,7 @@ def _record_best(client, optuna, parent_run_id: str, trial_number: int, run_id: 
         client.set_tag(parent_run_id, "sweep.best_trial", str(trial_number))
         client.set_tag(parent_run_id, "sweep.best_run_id", run_id)
         client.log_metric(parent_run_id, "sweep/best_objective", float(value), step=trial_number)
+        update_sweep_note(parent_run_id)
     client.set_terminated(parent_run_id, "FINISHED")
 
 
@@ -281,8 +296,10 @@ def start_run(cfg: DictConfig, hash_: str, consumed: Mapping[str, str | None],
             TAG_CONSUMED: ",".join(r for r in consumed.values() if r)}
     tags.update({f"{TAG_INPUT}{role}": rid or "path" for role, rid in consumed.items()})
     tags.update(extra_tags or {})
+    tags[TAG_NOTE] = run_note(cfg, consumed)
+    system_metrics = _system_metrics(cfg)
     with mlflow.start_run(run_id=run_id, run_name=run_name(cfg), parent_run_id=parent_run_id,
-                          nested=parent_run_id is not None, tags=tags) as run:
+                          nested=parent_run_id is not None, tags=tags, log_system_metrics=system_metrics) as run:
         params = flatten(cfg)
         logged = run.data.params if run_id else {}  # a resumed run keeps its params (MLflow cannot change one)
         items = [(k, v) for k, v in params.items() if k not in logged]
@@ -290,6 +307,98 @@ def start_run(cfg: DictConfig, hash_: str, consumed: Mapping[str, str | None],
             mlflow.log_params({k: str(v)[:6000] for k, v in items[i:i + 100]})
         mlflow.log_text(OmegaConf.to_yaml(cfg, resolve=True), "config.yaml")
         yield run
+
+
+def run_link(run_id: str, experiment_id: str | None = None) -> str:
+    """The MLflow UI's address of a run, relative to the UI's root (``#/experiments/<id>/runs/<run id>``), for
+    markdown links in run descriptions. The run's experiment is looked up when not given."""
+    if experiment_id is None:
+        from mlflow.tracking import MlflowClient
+
+        try:
+            experiment_id = MlflowClient().get_run(run_id).info.experiment_id
+        except Exception:  # a run of another store: a link within this experiment is the best guess
+            experiment_id = "0"
+    return f"#/experiments/{experiment_id}/runs/{run_id}"
+
+
+def run_note(cfg: DictConfig, consumed: Mapping[str, str | None]) -> str:
+    """A run's description (markdown, tag ``mlflow.note.content``): the stage, and its inputs by role as links
+    to the runs they resolved to (or the path given)."""
+    lines = [f"**{cfg.stage.name}** ({run_name(cfg)})", ""]
+    if consumed:
+        lines.append("Inputs:")
+        for role, rid in consumed.items():
+            given = cfg.get(role)
+            lines.append(f"- {role}: [{rid}]({run_link(rid)})" if rid else f"- {role}: path `{given}`")
+    else:
+        lines.append("Inputs: none (trained from the data alone)")
+    return "\n".join(lines) + "\n"
+
+
+def update_sweep_note(parent_run_id: str) -> None:
+    """Write the sweep parent's description (tag ``mlflow.note.content``): the study, the best trial so far as a
+    link to its run (tags ``sweep.best_*``), and the sweep report's plots (``report/*.png``) as images served by
+    the MLflow UI (``get-artifact``)."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient()
+    parent = client.get_run(parent_run_id)
+    tags = parent.data.tags
+    lines = [f"**Sweep {tags.get(TAG_SWEEP, '?')}** (Optuna storage `{tags.get('optuna.storage') or 'in memory'}`)",
+             ""]
+    if tags.get("sweep.best_run_id"):
+        best = tags["sweep.best_run_id"]
+        lines.append(f"Best trial: [#{tags.get('sweep.best_trial')}]({run_link(best, parent.info.experiment_id)}),"
+                     f" objective {float(tags['sweep.best_value']):.6g} ({tags.get('optuna.direction', '?')})")
+    else:
+        lines.append("Best trial: none finished yet")
+    try:
+        plots = sorted(f.path for f in client.list_artifacts(parent_run_id, "report") if f.path.endswith(".png"))
+    except Exception:  # no report yet
+        plots = []
+    for path in plots:
+        lines += ["", f"![{path}](get-artifact?path={path}&run_uuid={parent_run_id})"]
+    client.set_tag(parent_run_id, TAG_NOTE, "\n".join(lines) + "\n")
+
+
+def check(cfg: DictConfig) -> None:
+    """Validate the ``tracking`` settings a run reads, before anything is trained or written.
+
+    Raises:
+        AtmError: naming the key: ``tracking.experiment`` empty, ``tracking.system_metrics`` not a boolean,
+            ``tracking.system_metrics_interval`` not > 0, ``tracking.system_metrics_log_every`` below the interval.
+    """
+    t = cfg.get("tracking")
+    if t is None:
+        return
+    if not str(t.get("experiment") or "").strip():
+        raise AtmError("tracking.experiment is empty: name the MLflow experiment (default atm)")
+    if not isinstance(t.get("system_metrics", False), bool):
+        raise AtmError(f"tracking.system_metrics={t.get('system_metrics')!r} must be true or false")
+    interval, every = t.get("system_metrics_interval", 10), t.get("system_metrics_log_every", 60)
+    for key, value in (("system_metrics_interval", interval), ("system_metrics_log_every", every)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+            raise AtmError(f"tracking.{key}={value!r} must be a number of seconds > 0")
+    if every < interval:
+        raise AtmError(f"tracking.system_metrics_log_every={every!r} must be at least "
+                       f"tracking.system_metrics_interval={interval!r} (a logged value is the mean of the samples)")
+
+
+def _system_metrics(cfg: DictConfig) -> bool:
+    """Whether the run logs MLflow system metrics (``tracking.system_metrics``); when it does, set MLflow's
+    sampling: a sample every ``tracking.system_metrics_interval`` seconds, their mean logged every
+    ``tracking.system_metrics_log_every`` seconds (so a shorter run logs none)."""
+    tracking_cfg = cfg.get("tracking") or {}
+    if not tracking_cfg.get("system_metrics", False):
+        return False
+    import mlflow
+
+    interval = float(tracking_cfg.get("system_metrics_interval", 10))
+    every = float(tracking_cfg.get("system_metrics_log_every", 60))
+    mlflow.set_system_metrics_sampling_interval(interval)
+    mlflow.set_system_metrics_samples_before_logging(max(1, round(every / interval)))
+    return True
 
 
 def log_checkpoint(local_dir: Path, artifact_path: str = CHECKPOINT) -> None:

@@ -173,8 +173,8 @@ def hydra_error(err: BaseException, argv: list[str]) -> AtmError | None:
             return AtmError(f"unknown config key '{key}'{listing}; to add a new key write +{key}=<value>")
         return AtmError(_first_line(err))
     if isinstance(err, OSError) and err.filename is not None:
-        return AtmError(f"cannot write {err.filename}: {err.strerror or err} (run in a writable directory, or set "
-                        "hydra.run.dir / hydra.sweep.dir and tracking.cache_dir to writable paths)")
+        return AtmError(f"cannot write {os.path.abspath(err.filename)}: {err.strerror or err} (run in a writable "
+                        "directory, or set hydra.run.dir / hydra.sweep.dir and tracking.cache_dir to writable paths)")
     return None
 
 

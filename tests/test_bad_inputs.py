@@ -1,10 +1,12 @@
-"""The bad-input battery (issue 14): every case is a real ``python -m atm.train`` subprocess that must exit with
+"""The bad-input battery (issue 14): every case is a real ``python -m atm.train`` subprocess (or an
+``analysis/<name>.py`` script, or ``python -m atm.sweeps.report``) that must exit with
 status 2 and print exactly one non-empty line on stderr (``error: ...``, no traceback) naming the culprit, and
 leave the store consistent: no MLflow run at all (every case fails before a run starts), no partial file in the
 data or artifact cache.
 
-The cases run concurrently (a small thread pool, one working directory each) in a module fixture; each case is
-then one parametrized test reading its result. Known library noise ignored on stderr: none, except MLflow's own
+The cases run in a module fixture (one working directory each), as forked children of two drivers side by side
+(:mod:`tests.cli_driver`: the interpreter start and the stage registry import are paid once per driver, not per
+case); each case is then one parametrized test reading its result. Known library noise ignored on stderr: none, except MLflow's own
 INFO lines about creating its database tables for the cases that must read the tracking store (``runs:/<id>``).
 """
 
@@ -14,12 +16,12 @@ import os
 import re
 import sqlite3
 import subprocess
-import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 
+from tests.cli_driver import Job, run_forked, run_plain, split
 from tests.conftest import REPO
 
 # (case id, command-line arguments, a substring the one error line must contain). ``{empty}`` is replaced by an
@@ -78,6 +80,10 @@ CASES: list[tuple[str, list[str], str]] = [
     ("eval_checkpoints_unknown", ["stage=evaluate", "eval.checkpoints=some"], "eval.checkpoints='some'"),
     ("xnli_language_unknown", ["stage=evaluate", "eval.xnli.languages=[xx]"], "eval.xnli.languages"),
     ("data_mirror_missing", ["stage=train_tokenizer", "data.mirror=/nonexistent/mirror"], "data.mirror"),
+    ("system_metrics_interval_zero", ["stage=train_tokenizer", "tracking.system_metrics_interval=0"],
+     "tracking.system_metrics_interval=0"),
+    ("system_metrics_not_bool", ["stage=train_tokenizer", "tracking.system_metrics=sometimes"],
+     "tracking.system_metrics='sometimes'"),
     # the dry pass over the input graph: rejected before any input is trained
     ("skip_mapping_deeper_student", ["stage=distill_final", "teacher=pretrain_stage2", "model=teacher_small",
                                      "distill.intermediate.layer_mapping=skip"], "layer_mapping=skip"),
@@ -86,29 +92,54 @@ CASES: list[tuple[str, list[str], str]] = [
      "input tokenizer_run=train_tokenizer (stage train_tokenizer, trained first): tokenizer.vocab_size=0"),
     ("role_not_a_stage", ["stage=finetune", "encoder=no_such_thing"], "encoder='no_such_thing' is neither a stage"),
     ("run_unknown", ["stage=finetune", "encoder=runs:/0123456789abcdef"], "encoder=runs:/0123456789abcdef: no such"),
+    # the analysis scripts and the sweep report: usage errors and bad stores are one line too
+    ("analysis_option_unknown", ["analysis/correlate_xnli.py", "--bogus"], "unrecognized arguments: --bogus"),
+    ("analysis_option_without_value", ["analysis/stage2_effect.py", "--run-id"],
+     "argument --run-id: expected at least one argument"),
+    ("analysis_int_option_not_int", ["analysis/ablation_report.py", "--bins", "many"],
+     "argument --bins: invalid int value: 'many'"),
+    ("analysis_choice_unknown", ["analysis/autodistiller.py", "--model", "forest"], "argument --model: invalid choice"),
+    ("analysis_store_missing", ["analysis/distillation_table.py", "--tracking-uri", "sqlite:///{empty}/mlflow.db"],
+     "no MLflow store at"),
+    ("analysis_value_out_of_range", ["analysis/autodistiller.py", "--k", "0"], "--k 0 must be >= 1"),
+    ("analysis_run_id_refused", ["analysis/findings.py", "--run-id", "abc"], "--run-id is not supported"),
+    ("baseline_locale_unknown", ["analysis/baseline_tfidf.py", "--locale", "xx-XX"], "xx-XX"),
+    ("sweep_report_study_missing", ["module:atm.sweeps.report"], "the following arguments are required: study"),
+    ("sweep_report_storage_missing", ["module:atm.sweeps.report", "s", "--storage", "sqlite:///{empty}/optuna.db"],
+     "no Optuna storage at"),
 ]
 
 MLFLOW_INFO = re.compile(r"^\d{4}/\d\d/\d\d \d\d:\d\d:\d\d INFO mlflow\.")
 
 
-def _run(case: tuple[str, list[str], str], root: Path, env: dict[str, str]) -> subprocess.CompletedProcess:
+def _job(case: tuple[str, list[str], str], root: Path) -> Job:
     name, args, _ = case
     cwd = root / name
-    cwd.mkdir()
-    (cwd / "empty").mkdir()
+    (cwd / "empty").mkdir(parents=True)
     args = [a.replace("{empty}", str(cwd / "empty")) for a in args]
-    return subprocess.run([sys.executable, "-m", "atm.train", *args], cwd=cwd, env=env, capture_output=True,
-                          text=True, timeout=600)
+    if args[0].endswith(".py"):  # an analysis script, run as its docs say (python analysis/<name>.py)
+        return Job(args[1:], str(cwd), script=str(REPO / args[0]))
+    if args[0].startswith("module:"):  # another module's CLI
+        return Job(args[1:], str(cwd), module=args[0].removeprefix("module:"))
+    return Job(args, str(cwd))
 
 
 @pytest.fixture(scope="module")
 def results(tmp_path_factory, data_env) -> dict[str, subprocess.CompletedProcess]:
-    """Every case run once, two at a time."""
+    """Every case run once: forked children of two drivers side by side (:mod:`tests.cli_driver`); the first
+    case also as a plain subprocess, which must give the same exit status and stderr."""
     root = tmp_path_factory.mktemp("bad-inputs")
     env = {**data_env, "OMP_NUM_THREADS": "1"}
     env.pop("HYDRA_FULL_ERROR", None)
-    with ThreadPoolExecutor(max_workers=min(2, os.cpu_count() or 1)) as pool:
-        done = dict(zip((c[0] for c in CASES), pool.map(lambda c: _run(c, root, env), CASES)))
+    jobs = [_job(c, root) for c in CASES]
+    twin = _job(CASES[0], root / "_plain")
+    parts = split(list(range(len(jobs))), min(2, os.cpu_count() or 1))
+    with ThreadPoolExecutor(max_workers=len(parts) + 1) as pool:
+        plain = pool.submit(run_plain, twin, env, 600)
+        forked = list(pool.map(lambda ix: run_forked([jobs[i] for i in ix[1]], root / f"_driver{ix[0]}", env),
+                               enumerate(parts)))
+    done = {CASES[i][0]: r for ix, rs in zip(parts, forked) for i, r in zip(ix, rs)}
+    done["_plain"] = plain.result()
     done["_root"] = root
     return done
 
@@ -135,6 +166,12 @@ def test_bad_input_is_one_line(results, case):
     assert lines[0].startswith("error: "), lines
     assert expected in lines[0], (expected, lines[0])
     _store_consistent(results["_root"] / name)
+
+
+def test_a_forked_case_is_the_plain_command(results):
+    """The battery's forked children behave as ``python -m atm.train`` started afresh."""
+    plain, forked = results["_plain"], results[CASES[0][0]]
+    assert (plain.returncode, plain.stderr.strip()) == (forked.returncode, forked.stderr.strip())
 
 
 def test_battery_size():

@@ -11,23 +11,22 @@ trained): Hydra accepts only one of ``--multirun``/``--cfg``, so a multirun line
 sweeper never starts a trial).
 
 Speed: importing the stage registry (every stage module: torch, transformers) costs seconds per interpreter, so
-a driver process imports it once and forks one child per command, which runs ``atm.train`` as ``__main__``
-exactly as ``python -m atm.train`` does (its own argv, exit status and output). One command (the README's
-sweep) also runs as a plain ``python -m atm.train`` subprocess, and must print the same config as its forked twin.
+the commands run as forked children of one driver (:mod:`tests.cli_driver`), each exactly as ``python -m
+atm.train`` would (its own argv, exit status and output). One command (the README's sweep) also runs as a
+plain ``python -m atm.train`` subprocess, and must print the same config as its forked twin.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import shlex
-import subprocess
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+
+from tests.cli_driver import Job, run_forked, run_plain
 
 REPO = Path(__file__).resolve().parents[1]
 DOCS = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
@@ -191,50 +190,6 @@ def all_commands() -> list[Command]:
     return [command for path in DOCS for command in commands_of(path)]
 
 
-# -------------------------------------------------------------------------------------------- the driver
-
-#: Imports the stage registry once, then forks a child per command that runs ``atm.train`` as ``__main__``
-#: with that command's argv (``python -m atm.train`` in all but the interpreter start); writes each child's
-#: exit status and output into the JSON file it was given.
-DRIVER = r"""
-import json, os, runpy, sys, traceback
-jobs_file, out_dir = sys.argv[1], sys.argv[2]
-# what every child would import or build again: the stage registry (every stage module: torch, transformers),
-# Hydra's override grammar and its plugin scan
-import atm.stages
-if hasattr(atm.stages, "all_stages"):
-    atm.stages.all_stages()
-import hydra._internal.utils, hydra._internal.hydra
-from hydra.core.plugins import Plugins
-Plugins.instance()
-results = []
-for i, argv in enumerate(json.load(open(jobs_file))):
-    log = os.path.join(out_dir, f"{i}.log")
-    out = os.path.join(out_dir, f"{i}.out")
-    sys.stdout.flush(); sys.stderr.flush()
-    pid = os.fork()
-    if pid == 0:
-        code = 1
-        try:
-            os.dup2(os.open(out, os.O_WRONLY | os.O_CREAT | os.O_TRUNC), 1)
-            os.dup2(os.open(log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC), 2)
-            sys.argv = ["atm.train", *argv]
-            runpy.run_module("atm.train", run_name="__main__", alter_sys=True)
-            code = 0
-        except SystemExit as exit_:
-            code = exit_.code if isinstance(exit_.code, int) else (0 if exit_.code is None else 1)
-        except BaseException:
-            traceback.print_exc()
-        finally:
-            sys.stdout.flush(); sys.stderr.flush()
-            os._exit(code)
-    _, status = os.waitpid(pid, 0)
-    results.append({"code": os.waitstatus_to_exitcode(status), "stdout": open(out).read(),
-                    "stderr": open(log).read()})
-json.dump(results, open(os.path.join(out_dir, "results.json"), "w"))
-"""
-
-
 def _env() -> dict[str, str]:
     env = dict(os.environ)
     for key in ("MLFLOW_TRACKING_URI", "HYDRA_FULL_ERROR"):  # the default store; Hydra's one-paragraph errors
@@ -268,26 +223,18 @@ def test_commands_are_found(commands):
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="the driver forks one child per command")
 def test_every_documented_command_composes(commands, tmp_path):
     """``atm.train <args> --cfg job --resolve`` succeeds for each documented command (exit 0, a config printed)."""
-    jobs = tmp_path / "jobs.json"
-    jobs.write_text(json.dumps([_dry_run(c) for c in commands]))
-    out = tmp_path / "out"
-    out.mkdir()
     work = tmp_path / "work"  # the children's working directory: nothing may land in the repository
     work.mkdir()
-    # one command also as a plain subprocess: the README's sweep (no stage= argument, so no registry import)
+    jobs = [Job(_dry_run(c), str(work)) for c in commands]
+    # one command also as a plain subprocess: the README's sweep
     twin = next(i for i, c in enumerate(commands) if c.multirun)
-    plain = subprocess.Popen([sys.executable, "-m", "atm.train", *_dry_run(commands[twin])], cwd=work, env=_env(),
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    driver = subprocess.run([sys.executable, "-c", DRIVER, str(jobs), str(out)], cwd=work, env=_env(),
-                            capture_output=True, text=True, timeout=600)
-    plain_out, plain_err = plain.communicate(timeout=600)
-    assert driver.returncode == 0, driver.stderr[-3000:]
-    results = json.loads((out / "results.json").read_text())
-    failed = [f"{c}\n  exit {r['code']}: {r['stderr'].strip()[-1500:]}"
-              for c, r in zip(commands, results) if r["code"] != 0 or "stage:" not in r["stdout"]]
+    plain = run_plain(jobs[twin], _env(), timeout=600)
+    results = run_forked(jobs, tmp_path / "out", _env(), timeout=600)
+    failed = [f"{c}\n  exit {r.returncode}: {r.stderr.strip()[-1500:]}"
+              for c, r in zip(commands, results) if r.returncode != 0 or "stage:" not in r.stdout]
     assert not failed, "documented commands that do not compose:\n" + "\n".join(failed)
-    assert plain.returncode == 0, plain_err[-3000:]
-    assert plain_out == results[twin]["stdout"]  # the forked run is the plain `python -m atm.train` run
+    assert plain.returncode == 0, plain.stderr[-3000:]
+    assert plain.stdout == results[twin].stdout  # the forked run is the plain `python -m atm.train` run
     assert not list(work.iterdir())  # a dry run writes nothing
 
 

@@ -1,5 +1,6 @@
 """One line for every fault, nothing half-written: truncated data in the mirror, SIGINT during training, during
-a training-state write and during pruning, SIGKILL during pruning, a full disk while writing a state.
+a training-state write and during pruning, SIGKILL during pruning, a full disk while writing a state, a
+read-only working directory.
 
 Real processes and real signals: a ``python -m atm.train`` subprocess interrupted with SIGINT mid-training,
 child Python processes that signal themselves inside :func:`atm.engine.state.save`, a size-limited tmpfs (as
@@ -294,11 +295,12 @@ def test_sigkill_during_pruning_leaves_keep_last_states_and_the_next_save_clears
 # ---------------------------------------------------------------- a full disk while writing a state
 
 
-def _tmpfs(path: Path, size: str):
+def _tmpfs(path: Path, size: str, read_only: bool = False):
     path.mkdir()
     if os.geteuid() != 0 or shutil.which("mount") is None:
         pytest.skip("mounting a size-limited tmpfs needs root")
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], capture_output=True,
+    options = f"size={size}" + (",ro" if read_only else "")
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(path)], capture_output=True,
                           check=False)
     if done.returncode != 0:
         pytest.skip(f"cannot mount a tmpfs: {done.stderr.decode().strip()}")
@@ -339,3 +341,28 @@ def test_file_size_limit_while_writing_a_state_is_one_line_and_leaves_nothing(tm
     run_dir = tmp_path / "run"
     assert line.startswith(f"cannot write training state {run_dir / 'step-000002'}: File too large")
     assert _visible(run_dir) == [1] and not list(run_dir.glob(".step-*"))
+
+
+def test_read_only_working_directory_is_one_line_naming_it(tmp_path, data_env):
+    """A read-only working directory (a read-only mount: root ignores file modes) is refused with one line naming
+    it, before anything is trained."""
+    work = tmp_path / "ro"
+    _tmpfs(work, "1m", read_only=True)
+    try:
+        result = subprocess.run([sys.executable, "-m", "atm.train", "stage=train_tokenizer", *TINY,
+                                 f"tracking.uri=sqlite:///{tmp_path}/mlflow.db"], cwd=work, env=data_env,
+                                capture_output=True, text=True, timeout=600, check=False)
+    finally:
+        subprocess.run(["umount", str(work)], check=False)
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr and len(lines) == 1, result.stderr[-3000:]
+    assert lines[0].startswith("error: ") and str(work) in lines[0], lines
+    assert not (tmp_path / "mlflow.db").exists() or _runs(tmp_path / "mlflow.db") == []
+
+
+def _runs(db: Path) -> list:
+    import sqlite3
+
+    with sqlite3.connect(db) as con:
+        return con.execute("SELECT run_uuid, status FROM runs").fetchall()

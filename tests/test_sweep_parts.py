@@ -175,3 +175,36 @@ def test_parameter_counts_of_a_tiny_mlm():
     layer = 4 * (H * H + H) + 2 * 2 * H + (H * F + F) + (F * H + H)
     total = embeddings + 2 * H + L * layer + 2 * H + (H * H + H) + 2 * H + V
     assert counts == {"cost/parameters": total, "cost/non_embedding_parameters": total - embeddings - V}
+
+
+def test_failed_trials_runs_are_closed_failed_whatever_the_worker_left(tmp_path, monkeypatch):
+    """A worker killed mid-trial leaves its MLflow run RUNNING; one killed after ending its run but before
+    telling Optuna leaves it FINISHED. Either way the trial is FAIL and its run must end FAILED; runs of
+    COMPLETE trials and runs already KILLED (pruned) are left as they are."""
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    from atm.sweeps import RUN_ATTR, TAG_TRIAL_STATE, close_failed_runs
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    client = MlflowClient()
+    exp = client.create_experiment("closing")
+    study = optuna.create_study(storage=f"sqlite:///{tmp_path / 'optuna.db'}", study_name="closing")
+    cases = [("RUNNING", TrialState.FAIL, "FAILED"), ("FINISHED", TrialState.FAIL, "FAILED"),
+             ("KILLED", TrialState.FAIL, "KILLED"), ("FINISHED", TrialState.COMPLETE, "FINISHED")]
+    runs = []
+    for status, state, _ in cases:
+        run_id = client.create_run(exp).info.run_id
+        if status != "RUNNING":
+            client.set_terminated(run_id, status)
+        trial = study.ask()
+        trial.set_user_attr(RUN_ATTR, run_id)
+        study.tell(trial, 1.0 if state == TrialState.COMPLETE else None, state=state)
+        runs.append(run_id)
+    closed = close_failed_runs(study.get_trials(deepcopy=False))
+    assert closed == runs[:2]
+    for run_id, (_, _, expected) in zip(runs, cases):
+        run = client.get_run(run_id)
+        assert run.info.status == expected
+        assert (run.data.tags.get(TAG_TRIAL_STATE) == "FAIL") == (expected == "FAILED")

@@ -151,8 +151,10 @@ def attach(cfg: DictConfig, run_id: str):
 
 
 def close_failed_runs(trials: Iterable[Any]) -> list[str]:
-    """Mark FAILED (tag ``atm.trial_state=FAIL``) the MLflow runs still RUNNING of FAIL Optuna trials,
-    e.g. of a worker killed mid-trial. Returns the run ids closed."""
+    """Mark FAILED (tag ``atm.trial_state=FAIL``) the MLflow runs of FAIL Optuna trials: a worker killed
+    mid-trial leaves its run RUNNING; one killed between ending its run and telling Optuna the result
+    leaves it FINISHED, yet the trial is FAIL and is retried, so the run must not count (nor be reused by
+    lineage) beside its retry. Runs already FAILED or KILLED are left alone. Returns the run ids closed."""
     from mlflow.tracking import MlflowClient
     from optuna.trial import TrialState
 
@@ -165,11 +167,12 @@ def close_failed_runs(trials: Iterable[Any]) -> list[str]:
             run = client.get_run(run_id)
         except Exception:  # a run of another tracking store
             continue
-        if run.info.status == "RUNNING":
+        if run.info.status in ("RUNNING", "FINISHED"):
             client.set_tag(run_id, TAG_TRIAL_STATE, "FAIL")
             client.set_terminated(run_id, "FAILED")
             closed.append(run_id)
-            log.info("trial #%d failed (worker died): MLflow run %s marked FAILED", t.number, run_id)
+            log.info("trial #%d failed (worker died): MLflow run %s (%s) marked FAILED", t.number, run_id,
+                     run.info.status)
     return closed
 
 

@@ -23,7 +23,6 @@ It also closes the MLflow runs left RUNNING by trials that failed because their 
 
 from __future__ import annotations
 
-import argparse
 import logging
 import math
 import os
@@ -33,6 +32,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from atm.files import atomic_path, atomic_write_text
+from atm.errors import ArgumentParser
 from atm.sweeps import OBJECTIVES_ATTR, RUN_ATTR, WORKER_ATTR
 
 log = logging.getLogger(__name__)
@@ -175,6 +175,7 @@ def log_to_parent(study: Any, out_dir: Path, storage: str | None, experiment_id:
     close_failed_runs(study.get_trials(deepcopy=False))
     parent = tracking.sweep_parent(experiment_id, study.study_name, storage)
     MlflowClient().log_artifacts(parent, str(out_dir), "report")
+    tracking.update_sweep_note(parent)  # the description shows the report's plots
     return parent
 
 
@@ -210,7 +211,7 @@ def report(study: Any, sweep_dir: str | Path, config: Any = None) -> Path:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """CLI: write (and log) the report of a stored study. Exit status 2 with ``error: <one line>`` on bad input."""
-    parser = argparse.ArgumentParser(prog="python -m atm.sweeps.report", description=__doc__.splitlines()[0])
+    parser = ArgumentParser(prog="python -m atm.sweeps.report", description=__doc__.splitlines()[0])
     parser.add_argument("study", help="Optuna study name")
     parser.add_argument("--storage", default="sqlite:///optuna.db", help="Optuna storage URL")
     parser.add_argument("--out", default=None, help="output directory (default: .atm/sweep_reports/<study>)")
@@ -225,6 +226,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     from atm import tracking
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
+    local = args.storage.removeprefix("sqlite:///") if args.storage.startswith("sqlite:///") else None
+    if local and not Path(local).is_file():  # Optuna would create an empty storage there
+        print(f"error: --storage {args.storage}: no Optuna storage at {Path(local).resolve()}", file=sys.stderr)
+        return 2
     try:
         study = optuna.load_study(study_name=args.study, storage=args.storage)
     except Exception as err:
