@@ -1,7 +1,7 @@
 """The MLflow UI as the researcher's home (issue 15): what a tiny sweep leaves in a fresh store, read back through
-``mlflow server``'s REST API as the UI reads it: the experiment's kind (the UI opens on training runs), the
-trials nested under the sweep's parent run, each run's description linking its inputs' runs, the parent's
-description naming the best trial and showing the report's plots; and MLflow system metrics.
+``mlflow server``'s REST API as the UI reads it: the experiment's kind (the UI opens on training runs), the trials
+nested under the sweep's parent run, the datasets each run read, each run's description linking its inputs' runs,
+the parent's description naming the best trial and showing the report's plots; and MLflow system metrics.
 """
 
 from __future__ import annotations
@@ -97,6 +97,13 @@ def test_trials_nest_under_the_sweep_and_link_their_inputs(rest):
         note = tags[rid][TAG_NOTE]
         assert note.startswith("**pretrain_stage1**") and f"- tokenizer_run: [{tokenizer}]{link}" in note, note
     assert "Inputs: none" in tags[tokenizer][TAG_NOTE]
+    # the Dataset column: what each run read, by name and context
+    for rid, expected in [(tokenizer, {("written/ud", "training"), ("spoken/massive", "training")}),
+                          *[(t, {("written/ud", "training"), ("written/ud_dev", "evaluation")}) for t in trials]]:
+        inputs = by_id[rid].get("inputs", {}).get("dataset_inputs", [])
+        read = {(i["dataset"]["name"], _tags(i)["mlflow.data.context"]) for i in inputs}
+        assert expected <= read, (rid, read)
+        assert all(i["dataset"]["digest"] and '"num_rows"' in i["dataset"]["profile"] for i in inputs)
     # the parent names the best trial (a link to its run) and shows the sweep report's plots
     best = tags[parent]["sweep.best_run_id"]
     assert best in trials

@@ -16,6 +16,12 @@ Sources (``TextLine.source``):
   ``lm.txt``, ``lang`` = ``en-US``);
 * held out (not filtered, not de-duplicated): ``ud_dev`` (UD dev treebanks), ``massive_dev``
   (MASSIVE dev utterances).
+
+Inside an MLflow run, every corpus returned is logged as one MLflow dataset per source
+(:mod:`atm.data.mlflow_datasets`): ``<kind>/<source>`` (``written/ud``, ``spoken/massive``, ...; held out:
+``written/ud_dev``, ``spoken/massive_dev``), context ``training`` (held out: ``evaluation``), profile
+``num_rows`` and ``num_rows_per_language`` of the lines returned, digest over those lines. (The latency sample of
+:mod:`atm.models.cost`, MASSIVE dev utterances too, is logged as ``cost/massive_dev``.)
 """
 
 from __future__ import annotations
@@ -32,6 +38,7 @@ from typing import NamedTuple
 from atm.data.cache import derived
 from atm.data.fetch import data_dir, fetch, mirror_dir
 from atm.data.massive import MASSIVE_ARCHIVE, massive_locales, massive_utterances
+from atm.data.mlflow_datasets import DataRead, log_reads, log_text_dataset, text_read
 from atm.data.slurp import SLURP_LM, SLURP_SPLITS, slurp_lm_lines, slurp_sentences
 from atm.data.ud import read_conllu, read_udpos_tsv, ud_files, udpos_files
 from atm.data.xnli import read_xnli_file, xnli_eval_files, xnli_train_languages
@@ -227,6 +234,18 @@ def _cap(groups: _Groups, cap: int | None, seed: int) -> list[TextLine]:
     return corpus
 
 
+def _reads(kind: str, sources: Sequence[_Source], lines: Sequence[TextLine], context: str) -> Iterable[DataRead]:
+    """One MLflow dataset per source name of ``sources``: ``<kind>/<source>``, the ``lines`` of that source."""
+    by_source: dict[str, list[TextLine]] = {}
+    for line in lines:
+        by_source.setdefault(line.source, []).append(line)
+    for name in dict.fromkeys(source.name for source in sources):
+        group = by_source.get(name, [])
+        yield text_read(f"{kind}/{name}", [line.text for line in group],
+                        [source.rel for source in sources if source.name == name], context,
+                        langs=[line.lang for line in group])
+
+
 def _pretraining_corpus(kind: str, sources: list[_Source], cap: int | None, seed: int) -> list[TextLine]:
     paths = _fetch_all(sources)
     evaluation_paths = _fetch_all(_evaluation_sources())
@@ -242,7 +261,9 @@ def _pretraining_corpus(kind: str, sources: list[_Source], cap: int | None, seed
             "%d kept",
             kind, name, read, evaluation, repeats, kept,
         )  # fmt: skip
-    return _cap(groups, cap, seed)
+    corpus = _cap(groups, cap, seed)
+    log_reads(_reads(kind, sources, corpus, "training"))
+    return corpus
 
 
 def written_corpus(max_lines_per_source: int | None = None, seed: int = 0) -> list[TextLine]:
@@ -258,7 +279,8 @@ def written_corpus(max_lines_per_source: int | None = None, seed: int = 0) -> li
         seed: sampling seed; the same seed gives the same lines.
 
     Returns:
-        Lines with no evaluation-split text (:func:`evaluation_texts`) and no repeats, in source order.
+        Lines with no evaluation-split text (:func:`evaluation_texts`) and no repeats, in source order;
+        inside an MLflow run also logged as the datasets ``written/<source>`` (see the module doc).
 
     Raises:
         AtmError: a source or evaluation file is missing or malformed; a negative cap.
@@ -279,7 +301,8 @@ def spoken_corpus(max_lines_per_source: int | None = None, seed: int = 0) -> lis
         seed: sampling seed.
 
     Returns:
-        Lines with no evaluation-split text and no repeats, in source order.
+        Lines with no evaluation-split text and no repeats, in source order; inside an MLflow run also
+        logged as the datasets ``spoken/<source>`` (see the module doc).
 
     Raises:
         AtmError: a source or evaluation file is missing or malformed; a negative cap.
@@ -287,10 +310,14 @@ def spoken_corpus(max_lines_per_source: int | None = None, seed: int = 0) -> lis
     return _pretraining_corpus("spoken", _spoken_sources(), max_lines_per_source, seed)
 
 
-def _heldout(sources: list[_Source], cap: int | None, seed: int) -> list[TextLine]:
+def _heldout(log_as: str, sources: list[_Source], cap: int | None, seed: int) -> list[TextLine]:
     """The capped held-out lines of ``sources``; memoised per process and data location, because
-    in-training evaluation (pruning reports) asks for the same lines many times."""
-    return list(_heldout_memo(tuple(sources), cap, seed, data_dir(), mirror_dir()))
+    in-training evaluation (pruning reports) asks for the same lines many times. Logged (once per run) as the
+    MLflow dataset ``log_as``, context ``evaluation``."""
+    lines = list(_heldout_memo(tuple(sources), cap, seed, data_dir(), mirror_dir()))
+    log_text_dataset(log_as, [line.text for line in lines], [source.rel for source in sources], "evaluation",
+                     langs=[line.lang for line in lines])
+    return lines
 
 
 @functools.lru_cache(maxsize=16)
@@ -308,11 +335,13 @@ def heldout_written(max_lines_per_lang: int | None = None, seed: int = 0) -> lis
     them occurs in :func:`written_corpus`. Nothing is de-duplicated; ``max_lines_per_lang`` caps each
     language by seeded sampling.
     """
-    return _heldout(_file_sources("ud_dev", ud_files("dev"), _conllu_texts), max_lines_per_lang, seed)
+    sources = _file_sources("ud_dev", ud_files("dev"), _conllu_texts)
+    return _heldout("written/ud_dev", sources, max_lines_per_lang, seed)
 
 
 def heldout_spoken(
-    max_lines_per_lang: int | None = None, locales: Collection[str] | None = None, seed: int = 0
+    max_lines_per_lang: int | None = None, locales: Collection[str] | None = None, seed: int = 0, *,
+    log_as: str = "spoken/massive_dev",
 ) -> list[TextLine]:
     """Return held-out spoken text for perplexity: MASSIVE dev utterances (source ``massive_dev``).
 
@@ -320,9 +349,11 @@ def heldout_spoken(
         max_lines_per_lang: cap per locale, by seeded sampling (None: all 2,033 per locale).
         locales: MASSIVE locales (a single string is accepted; None: all).
         seed: sampling seed.
+        log_as: the name of the MLflow dataset the lines are logged as inside a run (context ``evaluation``);
+            another name for another use of the same text (the latency sample of :mod:`atm.models.cost`).
 
     Raises:
         AtmError: unknown locale, negative cap.
     """
     chosen = list(massive_utterances("dev", locales))  # checks the locales
-    return _heldout(_massive_sources("massive_dev", ("dev",), chosen), max_lines_per_lang, seed)
+    return _heldout(log_as, _massive_sources("massive_dev", ("dev",), chosen), max_lines_per_lang, seed)

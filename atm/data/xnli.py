@@ -14,6 +14,9 @@ from atm.data.fetch import fetch, list_available
 from atm.data.text import get_field, numbered_lines, read_jsonl, where
 from atm.errors import AtmError
 
+#: Mirror-layout paths of a language's training and labelled test set (``.format(lang=...)``).
+TRAIN_FILE = "xnli/hf_jsonl/{lang}/train.jsonl.gz"
+TEST_FILE = "xnli/hf_jsonl/{lang}/test.jsonl.gz"
 LABELS: tuple[str, ...] = ("entailment", "neutral", "contradiction")
 UNLABELLED = -1
 _LABEL_IDS = {name: i for i, name in enumerate(LABELS)}
@@ -104,7 +107,7 @@ def xnli_train(lang: str = "en") -> list[XnliPair]:
         AtmError: no training set for ``lang`` (the message lists those available), or a malformed line.
     """
     _check_lang(lang, xnli_train_languages(), "training set")
-    return list(read_xnli_jsonl(fetch(f"xnli/hf_jsonl/{lang}/train.jsonl.gz"), lang))
+    return list(read_xnli_jsonl(fetch(TRAIN_FILE.format(lang=lang)), lang))
 
 
 def xnli_test(lang: str) -> list[XnliPair]:
@@ -114,7 +117,7 @@ def xnli_test(lang: str) -> list[XnliPair]:
         AtmError: no labelled test set for ``lang`` (see :func:`xnli_test_languages`), or a malformed line.
     """
     _check_lang(lang, xnli_test_languages(), "labelled test set")
-    return list(read_xnli_jsonl(fetch(f"xnli/hf_jsonl/{lang}/test.jsonl.gz"), lang))
+    return list(read_xnli_jsonl(fetch(TEST_FILE.format(lang=lang)), lang))
 
 
 def xnli_dev(lang: str) -> list[XnliPair]:

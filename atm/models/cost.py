@@ -69,7 +69,8 @@ def measure(model: torch.nn.Module, tokenizer: Any, cfg: DictConfig) -> dict[str
     """Parameter counts plus ``cost/latency_ms`` (:func:`cpu_latency_ms` with ``cost.latency_runs``,
     ``cost.warmup_runs``, ``cost.threads``) over ``cost.utterances`` held-out spoken utterances (MASSIVE dev,
     ``cost.locale``), truncated to ``data.max_seq_len``; latency is left out when ``cost.latency_runs`` is 0.
-    Logged to the active MLflow run."""
+    Logged to the active MLflow run, the utterances as the dataset ``cost/massive_dev`` (context ``evaluation``,
+    :mod:`atm.data.mlflow_datasets`)."""
     import mlflow
 
     from atm.data.corpora import heldout_spoken
@@ -77,7 +78,7 @@ def measure(model: torch.nn.Module, tokenizer: Any, cfg: DictConfig) -> dict[str
     c = cfg.cost
     metrics = parameter_counts(model)
     if c.latency_runs:
-        texts = [line.text for line in heldout_spoken(c.utterances, locales=[c.locale])]
+        texts = [line.text for line in heldout_spoken(c.utterances, locales=[c.locale], log_as="cost/massive_dev")]
         metrics["cost/latency_ms"] = cpu_latency_ms(
             model, tokenizer, texts, runs=c.latency_runs, warmup=c.warmup_runs,
             max_seq_len=cfg.data.max_seq_len, threads=c.threads)

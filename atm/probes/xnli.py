@@ -20,6 +20,11 @@ the probe of ``stage=evaluate`` (:func:`xnli_probe`), the ``finetune_xnli`` stag
   :func:`atm.stats.bootstrap_interval`) and ``_se``, ``<prefix>/<lang>/pred_share/<class>``,
   ``<prefix>/<lang>/degenerate`` and the averages over languages.
 
+Inside an MLflow run, the pairs read are logged as MLflow datasets (:mod:`atm.data.mlflow_datasets`, digest over
+the pairs in file order): ``xnli/train/en`` (context ``training``: the English pairs classifiers are trained on
+-- one seed's sample, or in the probe the union of its seeds' samples) and ``xnli/test/<lang>`` (context
+``test``: the test pairs scored).
+
 A probe that never predicts one of the three classes on a language (for any seed) is *degenerate*: its
 accuracy there says how the test set's classes are balanced, not what the encoder knows, so tables show
 ``degenerate`` instead of the number.
@@ -28,7 +33,7 @@ accuracy there says how the test set's classes are balanced, not what the encode
 from __future__ import annotations
 
 import random
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -39,7 +44,8 @@ from omegaconf import DictConfig, ListConfig
 from atm import metrics as M
 from atm import stats
 from atm.data.collate import BatchStream
-from atm.data.xnli import LABELS, XnliPair, xnli_test, xnli_train
+from atm.data.mlflow_datasets import active_run_id, examples_read, log_reads
+from atm.data.xnli import LABELS, TEST_FILE, TRAIN_FILE, XnliPair, xnli_test, xnli_train
 from atm.engine.loop import device_for, fit, to_device
 from atm.errors import AtmError
 from atm.models.heads import build_pair_classifier
@@ -61,10 +67,34 @@ def sample_indices(n: int, train_pairs: int | None, seed: int) -> list[int]:
     return order[:train_pairs]
 
 
+def pair_key(pair: XnliPair) -> str:
+    """The text of a pair that its MLflow dataset digest covers: language, label, premise, hypothesis."""
+    return f"{pair.lang}\t{pair.label}\t{pair.premise}\t{pair.hypothesis}"
+
+
+def log_train_pairs(pairs: Sequence[XnliPair], indices: Iterable[int]) -> None:
+    """Log the training pairs ``pairs[i]`` of ``indices`` (in file order, each once) as the MLflow dataset
+    ``xnli/train/en`` of the active run, context ``training`` (nothing outside a run)."""
+    if active_run_id() is None:
+        return
+    log_reads([examples_read(f"xnli/train/{TRAIN_LANGUAGE}", [pairs[i] for i in sorted(set(indices))],
+                             [TRAIN_FILE.format(lang=TRAIN_LANGUAGE)], "training", key=pair_key)])
+
+
+def log_test_pairs(test: Mapping[str, Sequence[XnliPair]]) -> None:
+    """Log each language's test pairs as the MLflow dataset ``xnli/test/<lang>`` of the active run, context
+    ``test`` (nothing outside a run)."""
+    log_reads(examples_read(f"xnli/test/{lang}", pairs, [TEST_FILE.format(lang=lang)], "test", key=pair_key)
+              for lang, pairs in test.items())
+
+
 def train_pairs(xnli_cfg: DictConfig, seed: int) -> list[XnliPair]:
-    """The English training sample of ``seed`` (:func:`sample_indices` of ``eval.xnli.train_pairs``)."""
+    """The English training sample of ``seed`` (:func:`sample_indices` of ``eval.xnli.train_pairs``), logged as
+    the MLflow dataset ``xnli/train/en`` (:func:`log_train_pairs`)."""
     pairs = xnli_train(TRAIN_LANGUAGE)
-    return [pairs[i] for i in sample_indices(len(pairs), xnli_cfg.train_pairs, seed)]
+    indices = sample_indices(len(pairs), xnli_cfg.train_pairs, seed)
+    log_train_pairs(pairs, indices)
+    return [pairs[i] for i in indices]
 
 
 def pair_examples(tokenizer, pairs: Sequence[XnliPair], max_seq_len: int) -> list[dict]:
@@ -134,12 +164,21 @@ class XnliData:
 def read_xnli(xnli_cfg: DictConfig, languages: Sequence[str], *, train: bool = True) -> XnliData:
     """The English training pairs (when ``train``) and the test pairs of ``languages`` (``eval.xnli``).
 
+    Logged as MLflow datasets: ``xnli/test/<lang>`` (:func:`log_test_pairs`) and, when ``train``,
+    ``xnli/train/en``: the pairs the probe's seeds ``eval.xnli.seeds`` train on (:func:`log_train_pairs`).
+
     Raises:
         AtmError: a language without a labelled test set (:func:`atm.data.xnli.xnli_test`).
     """
     cap = xnli_cfg.max_test_pairs_per_lang
-    return XnliData(train=xnli_train(TRAIN_LANGUAGE) if train else [],
+    data = XnliData(train=xnli_train(TRAIN_LANGUAGE) if train else [],
                     test={lang: xnli_test(lang)[:cap] for lang in languages})
+    if train:  # the seeds as xnli_probe uses them
+        n, seeds = len(data.train), xnli_cfg.get("seeds")
+        log_train_pairs(data.train, range(n) if not seeds else
+                        (i for seed in seeds for i in sample_indices(n, xnli_cfg.train_pairs, seed)))
+    log_test_pairs(data.test)
+    return data
 
 
 def encode_xnli(tokenizer, pairs: XnliData, max_seq_len: int) -> XnliData:

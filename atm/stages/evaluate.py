@@ -48,7 +48,8 @@ from tqdm.auto import tqdm
 
 from atm import tracking
 from atm.data.massive import OUTSIDE
-from atm.data.ud import pud_sentences
+from atm.data.mlflow_datasets import examples_read, log_reads
+from atm.data.ud import PUD_FILES, UdSentence, pud_sentences
 from atm.data.xnli import xnli_test_languages
 from atm.engine.loop import device_for
 from atm.errors import AtmError
@@ -59,7 +60,7 @@ from atm.probes.perplexity import heldout_perplexities, mlm_perplexity
 from atm.probes.xnli import XnliData, check_xnli, encode_xnli, read_xnli, xnli_probe
 from atm.stages.common import check_data, count_at_least
 from atm.stages.registry import stage
-from atm.tasks.massive import read_locales
+from atm.tasks.massive import log_examples, read_locales
 
 #: Artifact directory of the per-example rows, one CSV per checkpoint step.
 EXAMPLES_DIR = "evaluation/examples"
@@ -70,8 +71,11 @@ EXAMPLES_DIR = "evaluation/examples"
 
 def noun_probes(lang: str, max_sentences: int) -> list[Probe]:
     """The first ``max_sentences`` UD PUD sentences of ``lang`` with their words tagged NOUN."""
-    return [(sent.words, [w for w, tag in enumerate(sent.upos) if tag == "NOUN"])
-            for sent in pud_sentences(lang)[:max_sentences]]
+    return _noun_probes(pud_sentences(lang)[:max_sentences])
+
+
+def _noun_probes(sentences: Sequence[UdSentence]) -> list[Probe]:
+    return [(sent.words, [w for w, tag in enumerate(sent.upos) if tag == "NOUN"]) for sent in sentences]
 
 
 def slot_probes(examples) -> list[Probe]:
@@ -161,8 +165,25 @@ class EvalData:
     xnli: XnliData = field(default_factory=lambda: XnliData([], {}))
 
 
+def _longest(read: dict[str, list], lang: str, rows: list) -> list:
+    """Keep in ``read[lang]`` the longer of it and ``rows`` (both prefixes of one file); return ``rows``."""
+    if len(rows) >= len(read.get(lang, ())):
+        read[lang] = rows
+    return rows
+
+
+def _sentence_key(sentence: UdSentence) -> str:
+    """The text of a UD sentence that its MLflow dataset digest covers: text, words, UPOS tags."""
+    return f"{sentence.text}\t{' '.join(sentence.words)}\t{' '.join(sentence.upos)}"
+
+
 def eval_data(eval_cfg: DictConfig) -> EvalData:
     """Read the text of every per-language probe of ``eval_cfg`` (the ``eval`` group).
+
+    Inside an MLflow run, what is read is logged as MLflow datasets (:mod:`atm.data.mlflow_datasets`), context
+    ``test``: per PUD language ``ud_pud/test/<lang>`` and per MASSIVE locale ``massive/test/<locale>``, the
+    longer of the prefixes that the perplexity and mask-filling probes read; the XNLI pairs by
+    :func:`atm.probes.xnli.read_xnli`.
 
     Raises:
         AtmError: naming the key: an unknown PUD language or MASSIVE locale, or one without test data.
@@ -170,11 +191,15 @@ def eval_data(eval_cfg: DictConfig) -> EvalData:
     ppl, fill = eval_cfg.perplexity, eval_cfg.mask_fill
     cap = ppl.max_lines_per_lang
     data = EvalData()
+    pud: dict[str, list[UdSentence]] = {}  # per language the sentences read (a prefix of its file)
+    massive: dict[str, list] = {}  # per locale the MASSIVE test examples read (a prefix of the partition)
     for key, langs, fill_in in (
             ("eval.perplexity.written_languages", ppl.written_languages,
-             lambda lang: data.written.__setitem__(lang, [s.text for s in pud_sentences(lang)[:cap]])),
+             lambda lang: data.written.__setitem__(
+                 lang, [s.text for s in _longest(pud, lang, pud_sentences(lang)[:cap])])),
             ("eval.mask_fill.languages", fill.languages,
-             lambda lang: data.nouns.__setitem__(lang, noun_probes(lang, fill.max_sentences_per_lang)))):
+             lambda lang: data.nouns.__setitem__(
+                 lang, _noun_probes(_longest(pud, lang, pud_sentences(lang)[:fill.max_sentences_per_lang]))))):
         for lang in langs or []:
             try:
                 fill_in(lang)
@@ -182,11 +207,16 @@ def eval_data(eval_cfg: DictConfig) -> EvalData:
                 raise AtmError(f"{key}: {err}") from None
     if ppl.spoken_locales:
         found = read_locales(list(ppl.spoken_locales), "test", "eval.perplexity.spoken_locales")
-        data.spoken = {loc: [ex.utt for ex in examples[:cap]] for loc, examples in found.items()}
+        data.spoken = {loc: [ex.utt for ex in _longest(massive, loc, examples[:cap])]
+                       for loc, examples in found.items()}
     if fill.spoken_locales:
         found = read_locales(list(fill.spoken_locales), "test", "eval.mask_fill.spoken_locales")
-        data.slots = {loc: slot_probes(examples[:fill.max_utterances_per_locale]) for loc, examples in found.items()}
+        data.slots = {loc: slot_probes(_longest(massive, loc, examples[:fill.max_utterances_per_locale]))
+                      for loc, examples in found.items()}
     data.xnli = read_xnli(eval_cfg.xnli, list(eval_cfg.xnli.get("languages") or xnli_test_languages()))
+    log_reads(examples_read(f"ud_pud/test/{lang}", sentences, [PUD_FILES[lang]], "test", key=_sentence_key)
+              for lang, sentences in pud.items())
+    log_examples(massive, "test")
     return data
 
 

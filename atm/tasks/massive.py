@@ -17,6 +17,10 @@ is predicted ``O`` (:func:`predict`); it is still scored against its gold tag. T
 labels live on sub-tokens, drops such words from both sequences instead; the two agree wherever the gold tag
 is ``O``, as it is for every zero-width word of MASSIVE 1.1 (all partitions, all locales).
 
+Inside an MLflow run, the examples each locale contributes are logged as the MLflow dataset
+``massive/<partition>/<locale>`` (:func:`log_examples`; :mod:`atm.data.mlflow_datasets`): context ``training``
+(train), ``evaluation`` (dev) or ``test`` (test), ``num_rows`` = the examples used, in file order.
+
 Evaluation batches are sorted by length (:func:`predict`), so a batch pads to a similar length; an evaluation
 set is tokenized once (:func:`eval_set`) and scored as often as needed (several seeds, a dev curve).
 """
@@ -24,7 +28,7 @@ set is tokenized once (:func:`eval_set`) and scored as often as needed (several 
 from __future__ import annotations
 
 import random
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -32,7 +36,8 @@ import torch
 from omegaconf import DictConfig
 
 from atm import metrics as M
-from atm.data.massive import OUTSIDE, MassiveExample, read_massive
+from atm.data.massive import MASSIVE_ARCHIVE, OUTSIDE, MassiveExample, read_massive
+from atm.data.mlflow_datasets import examples_read, log_reads
 from atm.engine.loop import to_device
 from atm.errors import AtmError
 from atm.models.heads import IGNORE_INDEX, align_word_labels, word_predictions
@@ -44,6 +49,8 @@ SCORES = ("intent_accuracy", "slot_f1", "exact_match")
 SCORE_COLUMNS = {"intent_accuracy": [0], "slot_f1": [2, 3, 4], "exact_match": [1]}
 #: Utterances per evaluation forward pass.
 EVAL_BATCH_SIZE = 64
+#: The MLflow dataset context of each MASSIVE partition (:func:`log_examples`).
+CONTEXTS = {"train": "training", "dev": "evaluation", "test": "test"}
 
 
 # ----------------------------------------------------------------------------------------- data
@@ -68,20 +75,44 @@ def read_locales(locales: Sequence[str], partition: str, key: str) -> dict[str, 
     return by_locale
 
 
+def example_key(ex: MassiveExample) -> str:
+    """The text of an example that its MLflow dataset digest covers: id, locale, partition, scenario, intent,
+    utterance, words and slot tags."""
+    return "\t".join((ex.id, ex.locale, ex.partition, ex.scenario, ex.intent, ex.utt, " ".join(ex.words),
+                      " ".join(ex.slot_tags)))
+
+
+def log_examples(by_locale: Mapping[str, Sequence[MassiveExample]], partition: str) -> None:
+    """Log each locale's examples (in file order) as the MLflow dataset ``massive/<partition>/<locale>`` of the
+    active run, context :data:`CONTEXTS` ``[partition]`` (nothing outside a run; once per run and content).
+
+    Raises:
+        KeyError: an unknown partition.
+    """
+    context = CONTEXTS[partition]
+    log_reads(examples_read(f"massive/{partition}/{loc}", items, [MASSIVE_ARCHIVE], context, key=example_key)
+              for loc, items in by_locale.items())
+
+
 def train_examples(ft: DictConfig, seed: int) -> list:
     """The training sample: per locale of ``finetune.locales``, a seeded shuffle of its train partition cut
-    to ``finetune.max_train_per_locale`` (null: all 11,514 of a locale).
+    to ``finetune.max_train_per_locale`` (null: all 11,514 of a locale). Logged per locale (in file order) as
+    the MLflow dataset ``massive/train/<locale>`` (:func:`log_examples`).
 
     Raises:
         AtmError: ``finetune.locales`` names an unknown locale or one without train data, or the cap leaves
             no example.
     """
-    train = []
-    for examples in read_locales(list(ft.locales), "train", "finetune.locales").values():
-        random.Random(seed).shuffle(examples)
-        train += examples[:ft.max_train_per_locale]
+    train, used = [], {}
+    for loc, examples in read_locales(list(ft.locales), "train", "finetune.locales").items():
+        order = list(range(len(examples)))
+        random.Random(seed).shuffle(order)  # the permutation shuffling the examples themselves would make
+        chosen = order[:ft.max_train_per_locale]
+        train += [examples[i] for i in chosen]
+        used[loc] = [examples[i] for i in sorted(chosen)]
     if not train:
         raise AtmError(f"finetune.max_train_per_locale={ft.max_train_per_locale}: no training example left")
+    log_examples(used, "train")
     return train
 
 
@@ -90,7 +121,8 @@ def sample_locales(locales: Sequence[str], partition: str, cap: int | None, cap_
     """At most ``cap`` utterances of ``partition`` per locale (null: all): a fixed-seed uniform sample, in file
     order. MASSIVE's splits are parallel across locales (the same utterances, translated, in the same order),
     so every locale keeps the same utterances; the files are grouped by topic, so their first lines would not
-    be a fair sample.
+    be a fair sample. Logged per locale as the MLflow dataset ``massive/<partition>/<locale>``
+    (:func:`log_examples`).
 
     Raises:
         AtmError: naming ``cap_key`` (a cap below 1) or ``locales_key`` (an unknown locale, or a locale without
@@ -102,6 +134,7 @@ def sample_locales(locales: Sequence[str], partition: str, cap: int | None, cap_
     for loc, items in read_locales(list(locales), partition, locales_key).items():
         keep = sorted(random.Random(0).sample(range(len(items)), cap)) if cap and cap < len(items) else None
         out[loc] = items if keep is None else [items[i] for i in keep]
+    log_examples(out, partition)
     return out
 
 
