@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -50,6 +51,14 @@ def data_env(tmp_path_factory) -> dict[str, str]:
                PYTHONPATH=str(REPO), HYDRA_FULL_ERROR="0", TQDM_DISABLE="1")
     env.pop("MLFLOW_TRACKING_URI", None)
     return env
+
+
+def sigint_as_in_a_terminal() -> None:
+    """``preexec_fn`` of a child that a test interrupts with SIGINT: a command typed in a terminal starts with
+    SIGINT at its default action, but one started by a background job (``nohup pytest ... &``, some CI runners)
+    inherits it ignored, and Python then never raises KeyboardInterrupt (as the shell convention wants). The
+    child is put in the terminal user's state, whatever state pytest was started in."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def atm_train(args: list[str], cwd: Path, env: dict[str, str], timeout: int = 900) -> subprocess.CompletedProcess:

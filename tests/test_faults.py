@@ -22,7 +22,7 @@ from pathlib import Path
 import mlflow
 import pytest
 import torch
-from conftest import MIRROR, REPO, TINY, mlflow_store
+from conftest import MIRROR, REPO, TINY, mlflow_store, sigint_as_in_a_terminal
 from omegaconf import OmegaConf
 
 from atm.data import fetch as F
@@ -48,6 +48,14 @@ def _mirror_with(tmp: Path, rel: str, content: bytes) -> Path:
                 (here / child.name).symlink_to(child)
     (mirror / rel).write_bytes(content)
     return mirror
+
+
+@pytest.fixture
+def terminal_sigint():
+    """In this process: SIGINT raises KeyboardInterrupt (Python's handler), as in a terminal; restored after."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
 
 
 def _cache_files(cache: Path) -> list[str]:
@@ -127,6 +135,7 @@ def test_sigint_during_training_prints_one_line_and_marks_the_run_killed(tmp_pat
             "trainer.state_every=2", "trainer.log_every=1", f"tracking.uri=sqlite:///{store}/mlflow.db"]
     state_root = work / ".atm" / "cache" / "state"
     child = subprocess.Popen([sys.executable, "-m", "atm.train", *args], cwd=work, env=data_env,
+                             preexec_fn=sigint_as_in_a_terminal,
                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + 900  # lineage trains the tokenizer first
@@ -183,7 +192,7 @@ def _cfg(state_dir: Path, **extra):
                              "state_dir": str(state_dir), "grad_accum_steps": 1, **extra})
 
 
-def test_sigint_in_fit_raises_interrupted_with_step_and_ends_the_run_killed(tmp_path):
+def test_sigint_in_fit_raises_interrupted_with_step_and_ends_the_run_killed(tmp_path, terminal_sigint):
     uri, client, experiment = mlflow_store(tmp_path)
     mlflow.set_tracking_uri(uri)
     model = _Tiny()
@@ -221,6 +230,7 @@ def _child(tmp_path: Path, body: str) -> subprocess.CompletedProcess:
     script = _CHILD + textwrap.dedent(body)
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     return subprocess.run([sys.executable, "-c", script, str(tmp_path / "run")], env=env, capture_output=True,
+                          preexec_fn=sigint_as_in_a_terminal,
                           text=True, timeout=120, check=False)
 
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import optuna
 import pytest
 import yaml
-from conftest import TINY, atm_train, trained_store
+from conftest import TINY, atm_train, sigint_as_in_a_terminal, trained_store
 from optuna.trial import TrialState
 
 from analysis.bench_workers import stray_tables
@@ -70,17 +70,10 @@ def tokenizer_dir(tmp_path_factory, data_env) -> Path:
                                                     dst_path=str(cwd / "download"), tracking_uri=uri))
 
 
-def _default_sigint() -> None:
-    """In the child before exec: a test run from a background job (``cmd &`` in a script) has SIGINT ignored,
-    which children inherit, and then Python installs no KeyboardInterrupt handler; restore the default so
-    that the test's Ctrl-C reaches the sweep."""
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
-
-
 def _popen(args: list[str], cwd: Path, env: dict[str, str], log: Path) -> subprocess.Popen:
     handle = open(log, "w")
     return subprocess.Popen([sys.executable, "-m", "atm.train", *args], cwd=cwd, env=env, stdout=handle,
-                            stderr=subprocess.STDOUT, text=True, preexec_fn=_default_sigint)
+                            stderr=subprocess.STDOUT, text=True, preexec_fn=sigint_as_in_a_terminal)
 
 
 def _wait_for(predicate, timeout: float, what: str, procs=()):
