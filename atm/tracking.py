@@ -5,9 +5,10 @@
   ``mlflow ui --backend-store-uri sqlite:///mlflow.db``.
 * One experiment per project (``tracking.experiment``, default ``atm``).
 * A run records: params = the flattened resolved config, the resolved YAML as ``config.yaml``, metrics
-  with slash names and steps (``train/loss``, ``eval/perplexity/spoken``), the checkpoint (model +
-  tokenizer, ``save_pretrained``) under ``checkpoint/`` and intermediate ones under
-  ``checkpoints/step-<N>/``, and the tags below.
+  with slash names and steps (``train/loss``, ``eval/perplexity/spoken``), the final checkpoint (model +
+  tokenizer, ``save_pretrained``) as the run's MLflow logged model (tag ``atm.model_id``; :func:`download`
+  fetches it as ``checkpoint``), intermediate ones as artifacts under ``checkpoints/step-<N>/``, and the tags
+  below.
 * Tags: ``atm.stage``, ``atm.config_hash``, ``atm.input.<role>`` (the run id each input role resolved to),
   ``atm.consumed_run_ids`` (comma-joined), ``atm.sweep`` and ``optuna.trial_number`` for sweep trials.
 * A sweep is a parent run tagged ``atm.sweep_parent=<study name>``; every trial is a nested run.
@@ -48,6 +49,8 @@ TAG_EXPERIMENT_KIND = "mlflow.experimentKind"
 EXPERIMENT_KIND = "custom_model_development"
 CHECKPOINT = "checkpoint"
 CHECKPOINTS = "checkpoints"
+#: The MLflow logged model (MLflow 3 ``LoggedModel``) holding a run's final checkpoint.
+TAG_MODEL = "atm.model_id"
 
 # Keys that say where and how a run is recorded, not what it trains: left out of the hash.
 _UNHASHED = ("data.mirror", "data.dir", "trainer.device", "trainer.log_every", "stage.objective",
@@ -402,11 +405,17 @@ def _system_metrics(cfg: DictConfig) -> bool:
 
 
 def log_checkpoint(local_dir: Path, artifact_path: str = CHECKPOINT) -> None:
-    """Log a ``save_pretrained`` directory (model + tokenizer) as artifacts of the active run.
+    """Log a ``save_pretrained`` directory (model + tokenizer) to the active run.
 
-    Whole or absent: when the upload fails part-way (a full disk, a lost artifact store), what was uploaded under
-    ``artifact_path`` is deleted (where the artifact store can delete) and the error raised, so the run ends
-    FAILED (:func:`start_run`) with no partial checkpoint; lineage reuses only FINISHED runs, and a run is
+    The final checkpoint (``artifact_path`` = ``checkpoint``) becomes the run's MLflow logged model (an MLflow 3
+    ``LoggedModel`` named after the stage, linked to the run as its output at its last ``train/step``; the run's
+    tag ``atm.model_id`` names it): the UI lists it in the run's Models column and the Models page, and
+    ``transformers`` loads its artifact directory (:func:`download` fetches it). Anything else (intermediate
+    ``checkpoints/step-<N>``, the ``tokenizer``) is logged as artifacts of the run.
+
+    Whole or absent: when the upload fails part-way (a full disk, a lost artifact store), what was uploaded is
+    deleted (where the artifact store can delete), a logged model is marked FAILED, and the error raised, so the
+    run ends FAILED (:func:`start_run`) with no partial checkpoint; lineage reuses only FINISHED runs, and a run is
     FINISHED only after its checkpoint was logged.
 
     Raises:
@@ -414,16 +423,42 @@ def log_checkpoint(local_dir: Path, artifact_path: str = CHECKPOINT) -> None:
     """
     import mlflow
 
+    run = mlflow.active_run()
+    as_model = artifact_path == CHECKPOINT and run is not None
     try:
-        mlflow.log_artifacts(str(local_dir), artifact_path)
+        if as_model:
+            _log_model(run, local_dir)
+        else:
+            mlflow.log_artifacts(str(local_dir), artifact_path)
     except Exception as err:  # any artifact store's error
-        run = mlflow.active_run()
         run_id = run.info.run_id if run is not None else "?"
-        if run is not None:
+        if run is not None and not as_model:  # (a logged model cleans up after itself)
             _delete_artifacts(run.info.artifact_uri, artifact_path)
         reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise AtmError(f"cannot log checkpoint {local_dir} as artifacts '{artifact_path}' of run {run_id}: "
-                       f"{reason}") from err
+        raise AtmError(f"cannot log checkpoint {local_dir} as '{artifact_path}' of run {run_id}: {reason}") from err
+
+
+def _log_model(run: Any, local_dir: Path) -> None:
+    """Create the run's logged model, upload ``local_dir`` into it, mark it READY and link it to the run; on a
+    failed upload, delete what was uploaded, mark it FAILED and re-raise."""
+    from mlflow.entities import LoggedModelOutput
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient()
+    stage = run.data.tags.get(TAG_STAGE, "model")
+    model = client.create_logged_model(run.info.experiment_id, name=stage, source_run_id=run.info.run_id,
+                                       tags={TAG_STAGE: stage, TAG_HASH: run.data.tags.get(TAG_HASH, "")},
+                                       model_type="transformers")
+    try:
+        client.log_model_artifacts(model.model_id, str(local_dir))
+    except BaseException:
+        _delete_artifacts(model.artifact_location, "")
+        client.finalize_logged_model(model.model_id, "FAILED")
+        raise
+    client.finalize_logged_model(model.model_id, "READY")
+    step = client.get_run(run.info.run_id).data.metrics.get("train/step")
+    client.log_outputs(run.info.run_id, [LoggedModelOutput(model.model_id, step=int(step or 0))])
+    client.set_tag(run.info.run_id, TAG_MODEL, model.model_id)
 
 
 def _delete_artifacts(artifact_uri: str, artifact_path: str) -> None:
@@ -442,7 +477,8 @@ def _delete_artifacts(artifact_uri: str, artifact_path: str) -> None:
 
 
 def download(run_id: str, artifact_path: str, cache_dir: str | Path) -> Path:
-    """Download (once) an artifact directory of a run into ``cache_dir/<run_id>/<artifact_path>``.
+    """Download (once) an artifact directory of a run into ``cache_dir/<run_id>/<artifact_path>``: the final
+    ``checkpoint`` from the run's logged model (:func:`log_checkpoint`), anything else from the run's artifacts.
 
     The copy is made in a temporary directory and renamed (:func:`atm.files.atomic_dir`), so an interrupted
     download leaves nothing; when another process (a parallel sweep worker) renamed its copy first, that one is
@@ -460,7 +496,7 @@ def download(run_id: str, artifact_path: str, cache_dir: str | Path) -> Path:
         with atomic_dir(target, replace=False) as tmp:
             staging = tmp / ".download"
             staging.mkdir()
-            local = Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=artifact_path,
+            local = Path(mlflow.artifacts.download_artifacts(**_artifact_source(run_id, artifact_path),
                                                              dst_path=str(staging)))
             for child in local.iterdir():
                 os.replace(child, tmp / child.name)
@@ -469,6 +505,19 @@ def download(run_id: str, artifact_path: str, cache_dir: str | Path) -> Path:
         raise AtmError(f"cannot download artifact '{artifact_path}' of run {run_id}: "
                        f"{str(err).splitlines()[0]}") from err
     return target
+
+
+def _artifact_source(run_id: str, artifact_path: str) -> dict[str, str]:
+    """Where ``artifact_path`` of a run is: the final ``checkpoint`` in the run's logged model (tag
+    ``atm.model_id``), anything else (and the checkpoint of a run logged before logged models) in the run."""
+    if artifact_path == CHECKPOINT:
+        from mlflow.tracking import MlflowClient
+
+        client = MlflowClient()
+        model_id = client.get_run(run_id).data.tags.get(TAG_MODEL)
+        if model_id:
+            return {"artifact_uri": client.get_logged_model(model_id).artifact_location}
+    return {"run_id": run_id, "artifact_path": artifact_path}
 
 
 def log_table(rows: list[dict], artifact: str, floatfmt: str = ".4f") -> None:

@@ -255,13 +255,14 @@ def test_cli_trains_chain_and_student(task_store):
     for key in ("train/loss", "train/hard", "train/intent_soft_ce", "train/slot_soft_ce", "train/temperature"):
         assert math.isfinite(m[key]), key
     from mlflow.artifacts import download_artifacts
+    from mlflow.tracking import MlflowClient
 
     from atm.models.heads import load_joint_model
 
     uri = f"sqlite:///{task_store / 'mlflow.db'}"
     student, teacher_model = (
-        load_joint_model(download_artifacts(run_id=r.info.run_id, artifact_path="checkpoint", tracking_uri=uri,
-                                            dst_path=str(task_store / "dl" / r.info.run_id)))
+        load_joint_model(download_artifacts(artifact_uri=MlflowClient(uri).get_logged_model(
+            r.data.tags["atm.model_id"]).artifact_location, dst_path=str(task_store / "dl" / r.info.run_id)))
         for r in (run, teacher))
     assert student.config.num_hidden_layers == int(final.data.params["model.num_hidden_layers"])
     assert student.config.intent_labels == teacher_model.config.intent_labels

@@ -15,6 +15,7 @@ import sys
 import time
 import urllib.parse
 import urllib.request
+from pathlib import Path
 
 import pytest
 from conftest import TINY, atm_train
@@ -58,6 +59,7 @@ def rest(sweep_dir):
         with urllib.request.urlopen(request, timeout=30) as answer:
             return json.loads(answer.read())
 
+    call.uri = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 120
         while True:
@@ -112,6 +114,35 @@ def test_trials_nest_under_the_sweep_and_link_their_inputs(rest):
     plots = [f["path"] for f in rest("GET", f"artifacts/list?run_id={parent}&path=report").get("files", [])
              if f["path"].endswith(".png")]
     assert plots and all(f"![{p}](get-artifact?path={p}&run_uuid={parent})" in note for p in plots), (plots, note)
+
+
+def test_final_checkpoints_are_logged_models_that_transformers_loads(rest, tmp_path):
+    """Every trained run's final checkpoint is a READY logged model named after its stage, linked to the run as its
+    output (the UI's Models column), named by the run's ``atm.model_id`` tag; ``transformers`` loads its
+    artifact directory as downloaded, and the run holds no second copy under ``checkpoint/``."""
+    import mlflow
+    import transformers
+    from mlflow.entities import LoggedModelStatus
+    from mlflow.tracking import MlflowClient
+
+    from atm.tracking import CHECKPOINT, TAG_MODEL
+
+    client = MlflowClient(rest.uri)
+    experiment = client.get_experiment_by_name("atm")
+    runs = [r for r in client.search_runs([experiment.experiment_id]) if r.data.tags.get("atm.stage") ==
+            "pretrain_stage1"]
+    assert len(runs) == N_TRIALS
+    models = {m.model_id: m for m in client.search_logged_models([experiment.experiment_id])}
+    for run in runs:
+        model = models[run.data.tags[TAG_MODEL]]
+        assert model.name == "pretrain_stage1" and model.status == LoggedModelStatus.READY
+        assert model.source_run_id == run.info.run_id
+        assert [o.model_id for o in run.outputs.model_outputs] == [model.model_id]
+        assert client.list_artifacts(run.info.run_id, CHECKPOINT) == []
+        local = mlflow.artifacts.download_artifacts(artifact_uri=model.artifact_location, tracking_uri=rest.uri,
+                                                    dst_path=str(tmp_path / model.model_id))
+        loaded = transformers.AutoModelForMaskedLM.from_pretrained(local)
+        assert loaded.num_parameters() > 0 and (Path(local) / "tokenizer.json").exists()
 
 
 def test_system_metrics_are_logged_as_configured(tmp_path, data_env, rest):

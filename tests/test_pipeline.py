@@ -57,8 +57,9 @@ def test_every_stage_ran_once_with_lineage(store):
     s1 = runs["pretrain_stage1"][0]
     assert [m.step for m in client.get_metric_history(s1.info.run_id, "train/loss")] == [2, 4, 6]
     artifacts = {a.path for a in client.list_artifacts(s1.info.run_id)}
-    assert {"checkpoint", "checkpoints", "config.yaml"} <= artifacts
-    ckpt = {a.path.rsplit("/", 1)[-1] for a in client.list_artifacts(s1.info.run_id, "checkpoint")}
+    assert {"checkpoints", "config.yaml"} <= artifacts and "checkpoint" not in artifacts  # final: a logged model
+    model = client.get_logged_model(s1.data.tags["atm.model_id"])
+    ckpt = {a.path for a in client.list_logged_model_artifacts(model.model_id)}
     assert {"config.json", "model.safetensors", "tokenizer.json"} <= ckpt
     assert "tokenizer/en/split_ratio" in runs["train_tokenizer"][0].data.metrics
     ft = runs["finetune"][0].data.metrics

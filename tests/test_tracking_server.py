@@ -146,12 +146,13 @@ def test_runs_params_metrics_and_artifacts_are_on_the_server(server, logged):
     assert s1.data.tags["atm.input.tokenizer_run"] == tok.info.run_id
     assert s1.data.metrics["train/step"] == 6.0 and s1.data.metrics["train/loss"] > 0
     assert [m.step for m in client.get_metric_history(s1.info.run_id, "train/loss")] == [2, 4, 6]
-    names = {a.path for a in client.list_artifacts(s1.info.run_id, "checkpoint")}
-    assert {"checkpoint/model.safetensors", "checkpoint/config.json", "checkpoint/tokenizer.json"} <= names
+    model_id = s1.data.tags["atm.model_id"]  # the final checkpoint is the run's logged model
+    names = {a.path for a in client.list_logged_model_artifacts(model_id)}
+    assert {"model.safetensors", "config.json", "tokenizer.json"} <= names
     assert [a.path for a in client.list_artifacts(s1.info.run_id, "checkpoints")] == [
         "checkpoints/step-000002", "checkpoints/step-000004"]
     # the server proxied the files into its artifact destination, and the runs are rows in PostgreSQL
-    stored = artifacts / s1.info.experiment_id / s1.info.run_id / "artifacts" / "checkpoint" / "model.safetensors"
+    (stored,) = [p for p in artifacts.rglob("model.safetensors") if model_id in p.parts]
     assert stored.stat().st_size > 100_000
     with _pg(db) as conn, conn.cursor() as cur:
         cur.execute("SELECT run_uuid FROM runs WHERE status = 'FINISHED'")
@@ -238,6 +239,9 @@ def test_failed_checkpoint_upload_ends_the_run_failed_with_nothing_partial(tmp_p
     assert "\n" not in message and "checkpoint" in message and run_id in message and "No space left" in message
     assert client.get_run(run_id).info.status == "FAILED"
     assert client.list_artifacts(run_id, tracking.CHECKPOINT) == []
+    (model,) = client.search_logged_models([experiment_id])  # the final checkpoint's logged model: FAILED, empty
+    assert model.status.name == "FAILED" and model.source_run_id == run_id
+    assert [p.name for p in (tmp_path / "artifacts").rglob("*") if p.is_file()] == ["config.yaml"]  # the run's
     assert not (tmp_path / "artifacts" / run_id / "artifacts" / tracking.CHECKPOINT).exists()
     assert tracking.find_finished_run(experiment_id, "pretrain_stage1", "hash-upload") is None
 
