@@ -71,11 +71,9 @@ def storage_lock(url: str | None, key: str) -> Iterator[None]:
             engine.dispose()
         return
     if kind == "sqlite":
-        from sqlalchemy.engine import make_url
-
-        database = make_url(url).database
-        if database and database != ":memory:":
-            db = Path(database).resolve()
+        db = sqlite_file(url)
+        if db is not None:
+            db = db.resolve()
             path = db.parent / f".{db.name}.locks" / f"{lock_id(key) & 0xFFFFFFFFFFFFFFFF:016x}.lock"
             path.parent.mkdir(exist_ok=True)  # FileNotFoundError when the database's directory is missing
             with file_lock(path):
@@ -85,6 +83,20 @@ def storage_lock(url: str | None, key: str) -> Iterator[None]:
         _WARNED.add(kind)
         log.warning("no cross-process lock for storage backend %r: run one sweep worker at a time", kind)
     yield
+
+
+def sqlite_file(url: str) -> Path | None:
+    """The database file of a SQLite URL (``sqlite:///optuna.db`` -> ``optuna.db``, relative to the working
+    directory); None for an in-memory database or another backend.
+
+    Raises:
+        sqlalchemy.exc.ArgumentError: ``url`` is not a SQLAlchemy URL.
+    """
+    from sqlalchemy.engine import make_url
+
+    parsed = make_url(url)
+    db = parsed.database
+    return Path(db) if parsed.get_backend_name() == "sqlite" and db and db != ":memory:" else None
 
 
 def absolute_url(url: str | None) -> str | None:

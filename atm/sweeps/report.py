@@ -31,9 +31,10 @@ import warnings
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from atm.files import atomic_path, atomic_write_text
 from atm.errors import ArgumentParser
+from atm.files import atomic_path, atomic_write_text
 from atm.sweeps import OBJECTIVES_ATTR, RUN_ATTR, WORKER_ATTR
+from atm.sweeps.locks import sqlite_file
 
 log = logging.getLogger(__name__)
 
@@ -226,9 +227,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     from atm import tracking
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    local = args.storage.removeprefix("sqlite:///") if args.storage.startswith("sqlite:///") else None
-    if local and not Path(local).is_file():  # Optuna would create an empty storage there
-        print(f"error: --storage {args.storage}: no Optuna storage at {Path(local).resolve()}", file=sys.stderr)
+    try:
+        local = sqlite_file(args.storage)
+    except Exception:  # not a database URL: optuna.load_study below says so
+        local = None
+    if local is not None and not local.is_file():  # Optuna would create an empty storage there
+        print(f"error: --storage {args.storage}: no Optuna storage at {local.resolve()}", file=sys.stderr)
         return 2
     try:
         study = optuna.load_study(study_name=args.study, storage=args.storage)
