@@ -141,7 +141,7 @@ class Bench:
 
     def __init__(self, args, tokenizer):
         from atm.data import corpora
-        from atm.data.collate import tokenize_corpus
+        from atm.data.shards import tokenize_corpus
 
         self.args, self.tokenizer = args, tokenizer
         corpus_fn = corpora.written_corpus if args.corpus == "written" else corpora.spoken_corpus

@@ -53,7 +53,8 @@ def test_tokenize_truncates_and_batch_stream_cycles():
 
 # ------------------------------------------------------------------------------ tokenized once, packing
 
-from atm.data.collate import BatchStream, LineExamples, PackedBlocks, tokenize_corpus  # noqa: E402
+from atm.data.collate import BatchStream, LineExamples, PackedBlocks  # noqa: E402
+from atm.data.shards import tokenize_corpus  # noqa: E402
 
 
 def _ids(tok, words: str) -> list[int]:
@@ -65,8 +66,10 @@ def test_line_examples_equal_tokenize_lines_without_tokenizing_again():
     lines = ["w1 w2 w3 w4 w5 w6", "w7", "", "w8 w9", "   "]
     corpus = tokenize_corpus(tok, lines, chunk_size=2)
     assert corpus.n_lines == 3 and corpus.n_tokens == 9  # blank lines dropped, nothing truncated
-    assert corpus.ids.dtype.name == "int32" and corpus.offsets.tolist() == [0, 6, 7, 9]
-    assert tokenize_corpus(tok, lines).ids.tolist() == corpus.ids.tolist()  # chunking changes nothing
+    # each line's tokens, then </s>: starts after 6 + 1, 1 + 1 and 2 + 1 stream tokens
+    assert corpus.tokens.dtype.name == "uint16" and corpus.starts.tolist() == [0, 7, 9, 12]
+    assert corpus.line(2).tolist() == _ids(tok, "w8 w9") and corpus.tokens[8] == tok.eos_token_id
+    assert tokenize_corpus(tok, lines).tokens.tolist() == corpus.tokens.tolist()  # chunking changes nothing
     assert list(LineExamples(corpus, 4, tok.bos_token_id, tok.eos_token_id)) == tokenize_lines(tok, lines, 4)
 
 

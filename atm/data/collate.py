@@ -1,21 +1,21 @@
 """Tokenized datasets, MLM masking and batch streams shared by every stage.
 
-MLM training text is tokenized once (:func:`tokenize_corpus`) into one flat token array plus line offsets
-(the layout of Megatron-LM's indexed datasets and nanoGPT's ``.bin`` shards, so memory-mapped token shards
-can replace it), then served either as packed blocks of ``max_seq_len`` tokens (:class:`PackedBlocks`,
-RoBERTa's FULL-SENTENCES, no padding) or one example per line (:class:`LineExamples`).
+MLM training text is tokenized once into a token shard (:mod:`atm.data.shards`, memory-mapped), then served
+either as packed blocks of ``max_seq_len`` tokens (:class:`PackedBlocks`, RoBERTa's FULL-SENTENCES, no padding)
+or one example per line (:class:`LineExamples`). :class:`BatchStream` draws shuffled, resumable batches of them
+through a ``torch.utils.data.DataLoader`` (worker processes and prefetch when asked for).
 """
 
 from __future__ import annotations
 
-import itertools
-from collections.abc import Callable, Iterable, Iterator, Sequence
-from typing import NamedTuple
+import os
+from collections.abc import Callable, Iterator, Sequence
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader
-from tqdm.auto import tqdm
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from atm.data.shards import TokenizedCorpus
 
 
 def tokenize_lines(tokenizer, lines: Sequence[str], max_seq_len: int) -> list[dict[str, list[int]]]:
@@ -52,55 +52,10 @@ def text_mlm_collator(tokenizer, max_seq_len: int, mlm_probability: float = 0.15
     return collate
 
 
-class TokenizedCorpus(NamedTuple):
-    """Lines tokenized once: line ``i`` is ``ids[offsets[i]:offsets[i + 1]]`` (sub-token ids, no ``<s>``/``</s>``).
-
-    Attributes:
-        ids: int32 ``[n_tokens]``, every line's tokens back to back.
-        offsets: int64 ``[n_lines + 1]``, ``offsets[0] = 0``, ``offsets[-1] = n_tokens``.
-    """
-
-    ids: np.ndarray
-    offsets: np.ndarray
-
-    @property
-    def n_lines(self) -> int:
-        return len(self.offsets) - 1
-
-    @property
-    def n_tokens(self) -> int:
-        return int(self.offsets[-1])
-
-
-def tokenize_corpus(tokenizer, lines: Iterable[str], *, chunk_size: int = 8192, desc: str | None = None,
-                    total: int | None = None) -> TokenizedCorpus:
-    """Tokenize ``lines`` once, ``chunk_size`` lines at a time, into a :class:`TokenizedCorpus`.
-
-    Lines are streamed: only one chunk's Python token lists exist at a time, the rest is int32 NumPy.
-    Lines without any sub-token (blank) are dropped; no line is truncated (:class:`LineExamples` and
-    :class:`PackedBlocks` cut to ``max_seq_len``). With ``desc`` a tqdm bar counts the lines.
-    """
-    ids: list[np.ndarray] = []
-    lengths: list[np.ndarray] = []
-    if total is None and isinstance(lines, Sequence):
-        total = len(lines)
-    iterator = iter(lines)
-    with tqdm(total=total, desc=desc, unit="lines", disable=desc is None, mininterval=2.0) as bar:
-        while chunk := list(itertools.islice(iterator, chunk_size)):
-            encoded = tokenizer(chunk, add_special_tokens=False, verbose=False)["input_ids"]
-            n = np.fromiter((len(e) for e in encoded), dtype=np.int64, count=len(encoded))
-            ids.append(np.fromiter(itertools.chain.from_iterable(encoded), dtype=np.int32, count=int(n.sum())))
-            lengths.append(n[n > 0])
-            bar.update(len(chunk))
-    flat = np.concatenate(ids) if ids else np.zeros(0, np.int32)
-    n_tokens = np.concatenate(lengths) if lengths else np.zeros(0, np.int64)
-    return TokenizedCorpus(flat, np.concatenate([[0], np.cumsum(n_tokens)]).astype(np.int64))
-
-
 class LineExamples(Sequence):
-    """One MLM example per line of a :class:`TokenizedCorpus`: ``<s>`` + its first ``max_seq_len - 2``
-    sub-tokens + ``</s>`` (what :func:`tokenize_lines` gives, without tokenizing again); batches are
-    padded by the collator."""
+    """One MLM example per line of a :class:`~atm.data.shards.TokenizedCorpus`: ``<s>`` + its first
+    ``max_seq_len - 2`` sub-tokens + ``</s>`` (what :func:`tokenize_lines` gives, without tokenizing again);
+    batches are padded by the collator."""
 
     def __init__(self, corpus: TokenizedCorpus, max_seq_len: int, bos_id: int, eos_id: int):
         if max_seq_len < 3:
@@ -111,33 +66,28 @@ class LineExamples(Sequence):
         return self.corpus.n_lines
 
     def __getitem__(self, i: int) -> dict[str, list[int]]:
-        start, end = self.corpus.offsets[i], self.corpus.offsets[i + 1]
-        body = self.corpus.ids[start:min(end, start + self.keep)].tolist()
-        return {"input_ids": [self.bos, *body, self.eos]}
+        return {"input_ids": [self.bos, *self.corpus.line(i)[:self.keep].tolist(), self.eos]}
 
 
 class PackedBlocks(Sequence):
     """Lines packed into blocks of exactly ``max_seq_len`` tokens, no padding (RoBERTa's FULL-SENTENCES, Liu
     et al. 2019 sec. 4.2; Cramming, Geiping & Goldstein 2022 sec. 4.1).
 
-    The lines are concatenated, each followed by ``</s>`` as separator, and the stream is cut into pieces
-    of ``max_seq_len - 1`` tokens; block ``k`` is ``<s>`` + piece ``k``. A line may continue into the next
-    block; attention crosses line boundaries inside a block. The last incomplete piece is dropped, unless
-    the corpus is shorter than one block (then it is the only, shorter, block). ``len(corpus.ids) +
-    n_lines`` stream tokens give ``(n_tokens + n_lines) // (max_seq_len - 1)`` blocks.
+    The corpus's token stream (each line followed by ``</s>``, :class:`~atm.data.shards.TokenizedCorpus`) is cut
+    into pieces of ``max_seq_len - 1`` tokens; block ``k`` is ``<s>`` + piece ``k``, read from the (memory-mapped)
+    stream when asked for, so blocks cost no memory. A line may continue into the next block; attention crosses
+    line boundaries inside a block. The last incomplete piece is dropped, unless the corpus is shorter than one
+    block (then it is the only, shorter, block): ``n_tokens + n_lines`` stream tokens give ``(n_tokens +
+    n_lines) // (max_seq_len - 1)`` blocks.
     """
 
     def __init__(self, corpus: TokenizedCorpus, max_seq_len: int, bos_id: int, eos_id: int):
         if max_seq_len < 2:
             raise ValueError(f"max_seq_len={max_seq_len} leaves no room for a token after <s>")
-        n = corpus.n_lines
-        stream = np.empty(corpus.n_tokens + n, dtype=np.int32)
-        separators = corpus.offsets[1:] + np.arange(n)  # line i's </s> follows its tokens, shifted by i
-        is_token = np.ones(len(stream), dtype=bool)
-        is_token[separators] = False
-        stream[is_token], stream[separators] = corpus.ids, eos_id
-        self.stream, self.piece, self.bos = stream, max_seq_len - 1, bos_id
-        self.n_blocks = max(len(stream) // self.piece, 1 if len(stream) else 0)
+        if corpus.n_lines and int(corpus.tokens[-1]) != eos_id:
+            raise ValueError(f"the corpus separates lines with id {int(corpus.tokens[-1])}, not </s> = {eos_id}")
+        self.stream, self.piece, self.bos = corpus.tokens, max_seq_len - 1, bos_id
+        self.n_blocks = max(len(self.stream) // self.piece, 1 if len(self.stream) else 0)
 
     def __len__(self) -> int:
         return self.n_blocks
@@ -160,9 +110,14 @@ class BatchStream:
 
     The permutation of epoch ``e`` depends only on ``(seed, e)`` (NumPy ``SeedSequence``), so the position
     ``(epoch, offset)`` — :meth:`state_dict` — says exactly which batch comes next; :meth:`load_state_dict`
-    continues there without collating (tokenizing, masking) the skipped batches. Randomness inside
-    ``collate`` (MLM masking with the global torch RNG) is restored with the trainer's RNG state
-    (:mod:`atm.engine.state`).
+    continues there without collating (tokenizing, masking) the skipped batches. ``collate`` runs with the
+    torch RNG seeded from ``(seed, epoch, offset, rank)`` (and the caller's RNG state untouched), so a batch's
+    random MLM mask depends only on its position: the same in a worker process as in this one, and again after a
+    resume.
+
+    Batches come through a ``torch.utils.data.DataLoader`` over batch positions (:meth:`batch_at`): with
+    ``workers`` > 0 they are collated in that many worker processes, ``prefetch`` batches ahead per worker, in
+    order; with 0 (the default) in this process.
 
     Data parallelism: after :meth:`shard` each of ``world_size`` ranks draws the same global batch of
     ``batch_size * world_size`` examples and collates its own disjoint slice ``[rank * batch_size,
@@ -171,13 +126,16 @@ class BatchStream:
     one smaller batch).
     """
 
-    def __init__(self, examples: Sequence, batch_size: int, collate: Callable, seed: int):
+    def __init__(self, examples: Sequence, batch_size: int, collate: Callable, seed: int, *, workers: int = 0,
+                 prefetch: int = 2):
         if not examples:
             raise ValueError("no training examples")
         self.examples, self.batch_size, self.collate, self.seed = examples, batch_size, collate, seed
+        self.workers, self.prefetch = workers, prefetch
         self.rank, self.world_size = 0, 1
         self.epoch, self.offset = 0, 0
-        self._order: list[int] | None = None
+        self._orders: dict[int, Sequence[int]] = {}  # epoch -> permutation (the last two epochs asked for)
+        self._batches: Iterator[dict] | None = None
 
     def shard(self, rank: int, world_size: int) -> BatchStream:
         """Read rank ``rank``'s slice of every global batch of ``world_size`` ranks (see the class doc).
@@ -187,28 +145,65 @@ class BatchStream:
         """
         if len(self.examples) < world_size:
             raise ValueError(f"{len(self.examples)} training examples cannot be split over {world_size} ranks")
-        self.rank, self.world_size = rank, world_size
+        self.rank, self.world_size, self._batches = rank, world_size, None
         return self
 
-    def _permutation(self, epoch: int) -> list[int]:
+    def _permutation(self, epoch: int) -> Sequence[int]:
         seed = int(np.random.SeedSequence([self.seed, epoch]).generate_state(1)[0])
-        return torch.randperm(len(self.examples), generator=torch.Generator().manual_seed(seed)).tolist()
+        return torch.randperm(len(self.examples), generator=torch.Generator().manual_seed(seed)).numpy()
+
+    def _order(self, epoch: int) -> Sequence[int]:
+        if epoch not in self._orders:
+            self._orders = {e: o for e, o in self._orders.items() if e == epoch - 1}
+            self._orders[epoch] = self._permutation(epoch)
+        return self._orders[epoch]
+
+    def _next_position(self, epoch: int, offset: int) -> tuple[int, int, int]:
+        """``(epoch, start, next offset)`` of the batch after position ``(epoch, offset)``."""
+        n = len(self.examples)
+        size = min(self.batch_size * self.world_size, n)
+        if offset + size > n:  # the rest of the epoch is smaller than a global batch
+            epoch, offset = epoch + 1, 0
+        return epoch, offset, offset + size
+
+    def positions(self) -> Iterator[tuple[int, int]]:
+        """``(epoch, start)`` of every batch from the current position on (endless)."""
+        epoch, offset = self.epoch, self.offset
+        while True:
+            epoch, start, offset = self._next_position(epoch, offset)
+            yield epoch, start
+
+    def batch_at(self, epoch: int, start: int) -> dict:
+        """This rank's batch of the global batch starting at ``start`` of epoch ``epoch``'s permutation, collated
+        with the torch RNG seeded by its position."""
+        size = min(self.batch_size * self.world_size, len(self.examples))
+        indices = self._order(epoch)[start:start + size]
+        per_rank = -(-size // self.world_size)
+        mine = indices[self.rank * per_rank:(self.rank + 1) * per_rank]
+        batch_seed = int(np.random.SeedSequence([self.seed, epoch, start, self.rank]).generate_state(1)[0])
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(batch_seed)
+            return self.collate([self.examples[int(i)] for i in mine])
 
     def __iter__(self) -> BatchStream:
         return self
 
     def __next__(self) -> dict:
-        n, global_batch = len(self.examples), self.batch_size * self.world_size
-        if self.offset + min(global_batch, n) > n:  # the rest of the epoch is smaller than a global batch
-            self.epoch, self.offset, self._order = self.epoch + 1, 0, None
-        if self._order is None:
-            self._order = self._permutation(self.epoch)
-        size = min(global_batch, n)
-        indices = self._order[self.offset:self.offset + size]
-        self.offset += size
-        per_rank = -(-size // self.world_size)
-        mine = indices[self.rank * per_rank:(self.rank + 1) * per_rank]
-        return self.collate([self.examples[i] for i in mine])
+        if self._batches is None:
+            # a generator of its own: the loader draws its workers' base seed from it, not from the global RNG
+            # (which dropout reads, and a resume restores)
+            loader = DataLoader(_Positions(self), batch_size=None, sampler=_PositionSampler(self),
+                                collate_fn=_as_is, num_workers=self.workers, worker_init_fn=_serial_tokenizers,
+                                prefetch_factor=self.prefetch if self.workers else None,
+                                generator=torch.Generator().manual_seed(self.seed))
+            self._batches = iter(loader)
+        batch = next(self._batches)
+        self.epoch, _, self.offset = self._next_position(self.epoch, self.offset)
+        return batch
+
+    def close(self) -> None:
+        """Stop the worker processes (a later batch starts them again)."""
+        self._batches = None
 
     def state_dict(self) -> dict[str, int]:
         """The position of the next batch: ``{"seed", "epoch", "offset", "world_size"}`` (plain ints)."""
@@ -220,12 +215,43 @@ class BatchStream:
         if int(state["seed"]) != self.seed or int(state["world_size"]) != self.world_size:
             raise ValueError(f"data position of a stream with seed {state['seed']} over {state['world_size']} "
                              f"ranks cannot continue one with seed {self.seed} over {self.world_size} ranks")
-        self.epoch, self.offset, self._order = int(state["epoch"]), int(state["offset"]), None
+        self.epoch, self.offset, self._batches = int(state["epoch"]), int(state["offset"]), None
 
 
-def batch_stream(examples: Sequence, batch_size: int, collate: Callable, seed: int) -> BatchStream:
+class _Positions(Dataset):
+    """A map-style dataset whose items are a :class:`BatchStream`'s batches, keyed by ``(epoch, start)``."""
+
+    def __init__(self, stream: BatchStream):
+        self.stream = stream
+
+    def __getitem__(self, position: tuple[int, int]) -> dict:
+        return self.stream.batch_at(*position)
+
+
+class _PositionSampler(Sampler):
+    """The positions of a :class:`BatchStream`'s batches from where it stands (endless)."""
+
+    def __init__(self, stream: BatchStream):
+        self.stream = stream
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        return self.stream.positions()
+
+
+def _as_is(batch: dict) -> dict:
+    return batch
+
+
+def _serial_tokenizers(_worker_id: int) -> None:
+    """In a DataLoader worker: fast tokenizers run single-threaded (a forked process may not use the parent's Rust
+    thread pool; saying so spares the warning of the ``tokenizers`` library)."""
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+
+
+def batch_stream(examples: Sequence, batch_size: int, collate: Callable, seed: int, *, workers: int = 0,
+                 prefetch: int = 2) -> BatchStream:
     """An endless stream of shuffled batches of ``batch_size`` (a :class:`BatchStream`)."""
-    return BatchStream(examples, batch_size, collate, seed)
+    return BatchStream(examples, batch_size, collate, seed, workers=workers, prefetch=prefetch)
 
 
 #: Batch size of forward-only scoring (perplexity, mask filling, XNLI accuracy).

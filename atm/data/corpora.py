@@ -31,14 +31,15 @@ import logging
 import random
 import sys
 import unicodedata
-from collections.abc import Callable, Collection, Iterable, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import NamedTuple
 
 from atm.data.cache import derived
 from atm.data.fetch import data_dir, fetch, mirror_dir
 from atm.data.massive import MASSIVE_ARCHIVE, massive_locales, massive_utterances
-from atm.data.mlflow_datasets import DataRead, log_reads, log_text_dataset, text_read
+from atm.data.mlflow_datasets import DataRead, digest, log_reads, log_text_dataset, text_read
+from atm.data.shards import TokenizedCorpus
 from atm.data.slurp import SLURP_LM, SLURP_SPLITS, slurp_lm_lines, slurp_sentences
 from atm.data.ud import read_conllu, read_udpos_tsv, ud_files, udpos_files
 from atm.data.xnli import read_xnli_file, xnli_eval_files, xnli_train_languages
@@ -357,3 +358,107 @@ def heldout_spoken(
     """
     chosen = list(massive_utterances("dev", locales))  # checks the locales
     return _heldout(log_as, _massive_sources("massive_dev", ("dev",), chosen), max_lines_per_lang, seed)
+
+
+# ---------------------------------------------------------------------------------------------
+# what a stage trains on: the configured or built-in sources of a kind, tokenized into a shard
+
+KINDS = ("written", "spoken")
+
+
+def shards_dir(data_cfg: Mapping) -> Path:
+    """``data.shards.dir``, else ``<data dir>/shards``."""
+    configured = (data_cfg.get("shards") or {}).get("dir")
+    return Path(configured).expanduser() if configured else data_dir() / "shards"
+
+
+def corpus_shard(kind: str, data_cfg: Mapping, tokenizer, seed: int = 0) -> TokenizedCorpus:
+    """The pretraining text of ``kind`` (``written``: Stage 1, ``spoken``: Stage 2) tokenized once by ``tokenizer``
+    into a memory-mapped token shard (:func:`atm.data.shards.build_shard`), built on first use and reused after.
+
+    The sources are ``data.<kind>.paths``/``hf`` when set (:mod:`atm.data.sources`: read whole, evaluation-split
+    text dropped while tokenizing, in ``data.shards.workers`` processes), else the built-in corpus
+    (:func:`written_corpus`/:func:`spoken_corpus`, capped at ``data.<kind>.max_lines_per_source`` with ``seed``).
+    Inside an MLflow run every source is logged as the dataset ``<kind>/<source>`` (for configured sources:
+    :func:`_source_read`) and the shard's per-source counts, tokens included, as the artifact
+    ``data/<kind>_sources.json``.
+
+    Raises:
+        AtmError: unknown ``kind``; bad sources (see :func:`atm.data.sources.configured_sources`), a bad file or
+            line while reading, a shard that cannot be written.
+    """
+    from atm.data.shards import TextSource, build_shard
+    from atm.data.sources import FileSource, configured_sources
+
+    if kind not in KINDS:
+        raise AtmError(f"corpus {kind!r} must be one of {', '.join(KINDS)}")
+    setting = data_cfg.get(kind) or {}
+    configured = configured_sources(data_cfg, kind)
+    workers = (data_cfg.get("shards") or {}).get("workers")
+    if not configured:
+        corpus = (written_corpus if kind == "written" else spoken_corpus)(setting.get("max_lines_per_source"), seed)
+        sources = [(source.name, source.rel) for source in
+                   (_written_sources() if kind == "written" else _spoken_sources())]
+        texts: dict[str, list[str]] = {name: [] for name, _ in sources}
+        for line in corpus:
+            texts[line.source].append(line.text)
+        built_in = [TextSource(name, lines, tuple(dict.fromkeys(rel for n, rel in sources if n == name)))
+                    for name, lines in texts.items()]
+        return build_shard(built_in, tokenizer, shards_dir(data_cfg), workers=workers or 1, desc=f"tokenize {kind}")
+    size = sum(s.size() for s in configured) if all(isinstance(s, FileSource) for s in configured) else None
+    shard = build_shard(configured, tokenizer, shards_dir(data_cfg), decontaminate=True, workers=workers,
+                        input_bytes=size, desc=f"tokenize {kind}")
+    for counts in shard.sources:
+        if not counts.kept:
+            log.warning("data.%s source %s: no line to train on (%d read, %d of them evaluation-split text)",
+                        kind, counts.name, counts.read, counts.dropped_evaluation)
+    if not shard.n_lines:
+        raise AtmError(f"data.{kind}: no text to train on in {', '.join(c.name for c in shard.sources)} (every "
+                       "line blank or evaluation-split text)")
+    log_reads(_source_read(kind, c.name, c.digest, c.kept, c.read, c.dropped_evaluation, c.files)
+              for c in shard.sources)
+    _log_source_counts(kind, shard)
+    return shard
+
+
+def _source_read(kind: str, name: str, digest: str, kept: int, read: int, dropped: int,
+                 files: Sequence[str]) -> DataRead:
+    """The MLflow dataset ``<kind>/<name>`` of a configured source: digest of the kept lines, profile ``num_rows``
+    (kept), ``num_rows_read``, ``num_rows_dropped_evaluation`` and ``files`` -- nothing tokenizer-dependent, since
+    MLflow keeps one profile per name and digest."""
+    return DataRead(f"{kind}/{name}", "training", digest,
+                    {"num_rows": kept, "num_rows_read": read, "num_rows_dropped_evaluation": dropped,
+                     "files": list(files)}, tuple(files))
+
+
+def _log_source_counts(kind: str, shard: TokenizedCorpus) -> None:
+    from atm.data.mlflow_datasets import active_run_id
+
+    if active_run_id() is not None:
+        import mlflow
+
+        mlflow.log_dict({"shard": str(getattr(shard.tokens, "filename", "") or ""), "lines": shard.n_lines,
+                         "tokens": shard.n_tokens, "sources": shard.meta.get("sources", [])},
+                        f"data/{kind}_sources.json")
+
+
+def tokenizer_lines(kind: str, data_cfg: Mapping, cap: int | None, seed: int = 0) -> list[str]:
+    """The text of ``kind`` the tokenizer trains on: a seeded sample of at most ``cap`` lines per configured source
+    (:func:`atm.data.sources.sample_lines`, evaluation-split text dropped; logged as ``<kind>/<source>``), else the
+    built-in corpus capped at ``cap`` lines per (source, language).
+
+    Raises:
+        AtmError: as :func:`corpus_shard`.
+    """
+    from atm.data.sources import configured_sources, sample_lines
+
+    configured = configured_sources(data_cfg, kind)
+    if not configured:
+        return [line.text for line in (written_corpus if kind == "written" else spoken_corpus)(cap, seed=seed)]
+    exclude, lines = evaluation_texts(), []
+    for source in configured:
+        sample = sample_lines(source, cap, seed, exclude)
+        log_reads([_source_read(kind, source.name, digest(sample.lines), len(sample.lines), sample.read,
+                                sample.dropped_evaluation, source.files)])
+        lines.extend(sample.lines)
+    return lines

@@ -14,7 +14,8 @@ from omegaconf import DictConfig
 
 from atm import sweeps, tracking
 from atm.data import corpora
-from atm.data.collate import batch_stream, mlm_collator, mlm_examples, tokenize_corpus
+from atm.data.sources import check_sources
+from atm.data.collate import batch_stream, mlm_collator, mlm_examples
 from atm.engine.deepspeed import world
 from atm.engine.loop import LossFn, fit
 from atm.engine.state import run_state_dir
@@ -22,17 +23,6 @@ from atm.errors import AtmError
 from atm.models import cost
 from atm.models.encoder import save_checkpoint, training_dropout
 from atm.probes.perplexity import heldout_perplexities
-
-
-def corpus_lines(name: str, data_cfg: DictConfig, seed: int) -> list[str]:
-    """Text of pretraining corpus ``name`` (``written``: Stage 1, ``spoken``: Stage 2), capped per source."""
-    if name == "written":
-        lines = corpora.written_corpus(data_cfg.written.max_lines_per_source, seed=seed)
-    elif name == "spoken":
-        lines = corpora.spoken_corpus(data_cfg.spoken.max_lines_per_source, seed=seed)
-    else:
-        raise AtmError(f"stage.corpus={name!r} must be 'written' or 'spoken'")
-    return [line.text for line in lines]
 
 
 def count_at_least(value, key: str, low: int = 1, *, nullable: bool = False) -> None:
@@ -68,7 +58,10 @@ def check_data(cfg: DictConfig) -> None:
 
     Raises:
         AtmError: ``data.max_seq_len`` < 3, ``data.packing`` not a boolean, a ``max_lines_per_source`` cap that
-            is not null or >= 1, ``data.heldout.max_lines_per_lang`` < 1.
+            is not null or >= 1, ``data.heldout.max_lines_per_lang`` < 1, ``data.shards.workers`` not null or >= 1,
+            ``data.loader.workers`` < 0, ``data.loader.prefetch`` < 1; bad ``data.<kind>.paths``/``hf`` (a glob
+            matching no file, an unreadable file, a JSON-lines file without the text field:
+            :func:`atm.data.sources.check_sources`).
     """
     length = cfg.data.max_seq_len
     if isinstance(length, bool) or not isinstance(length, int) or length < 3:
@@ -80,6 +73,11 @@ def check_data(cfg: DictConfig) -> None:
         count_at_least((cfg.data.get(corpus) or {}).get("max_lines_per_source"),
                        f"data.{corpus}.max_lines_per_source", nullable=True)
     count_at_least((cfg.data.get("heldout") or {}).get("max_lines_per_lang", 1), "data.heldout.max_lines_per_lang")
+    count_at_least((cfg.data.get("shards") or {}).get("workers"), "data.shards.workers", nullable=True)
+    loader = cfg.data.get("loader") or {}
+    count_at_least(loader.get("workers", 0), "data.loader.workers", 0)
+    count_at_least(loader.get("prefetch", 2), "data.loader.prefetch")
+    check_sources(cfg.data)
 
 
 def check_locales(cfg: DictConfig, keys: Sequence[str] = ("locales", "eval_locales")) -> None:
@@ -126,18 +124,18 @@ def check_mlm_data(cfg: DictConfig) -> None:
 
 
 def mlm_stream(cfg: DictConfig, tokenizer):
-    """The MLM batch stream of ``stage.corpus``: its lines tokenized once, packed into ``data.max_seq_len``
-    blocks (``data.packing``, default) or one padded example per line, masked by :func:`mlm_collator`.
-    Logs ``data/train_lines``, ``data/train_tokens`` (sub-tokens, specials excluded) and
-    ``data/train_examples``."""
+    """The MLM batch stream of ``stage.corpus``: its token shard (:func:`atm.data.corpora.corpus_shard`, tokenized
+    once and memory-mapped), packed into ``data.max_seq_len`` blocks (``data.packing``, default) or one padded
+    example per line, masked by :func:`mlm_collator`, read by ``data.loader.workers`` processes. Logs
+    ``data/train_lines``, ``data/train_tokens`` (sub-tokens, specials excluded) and ``data/train_examples``."""
     check_mlm_data(cfg)
-    lines = corpus_lines(cfg.stage.corpus, cfg.data, cfg.seed)
-    corpus = tokenize_corpus(tokenizer, lines, desc=f"tokenize {cfg.stage.corpus}")
+    corpus = corpora.corpus_shard(cfg.stage.corpus, cfg.data, tokenizer, cfg.seed)
     examples = mlm_examples(corpus, tokenizer, cfg.data.max_seq_len, cfg.data.get("packing", True))
     mlflow.log_metrics({"data/train_lines": corpus.n_lines, "data/train_tokens": corpus.n_tokens,
                         "data/train_examples": len(examples)})
+    loader = cfg.data.get("loader") or {}
     return batch_stream(examples, cfg.trainer.batch_size, mlm_collator(tokenizer, cfg.stage.mlm_probability),
-                        cfg.seed)
+                        cfg.seed, workers=loader.get("workers", 0), prefetch=loader.get("prefetch", 2))
 
 
 def train_mlm(cfg: DictConfig, module: torch.nn.Module, model, tokenizer, loss_fn: LossFn,

@@ -37,11 +37,11 @@ def run(cfg: DictConfig, inputs: dict) -> dict[str, float]:
     """Train the tokenizer; log it (artifact ``tokenizer``) and, per language of the held-out text, the split
     ratio (sub-tokens per word) and the unknown-token portion."""
     cap = cfg.tokenizer.max_lines_per_source
-    lines = corpora.written_corpus(cap, seed=cfg.seed) + corpora.spoken_corpus(cap, seed=cfg.seed)
+    lines = [line for kind in corpora.KINDS for line in corpora.tokenizer_lines(kind, cfg.data, cap, cfg.seed)]
     mlflow.log_metric("data/tokenizer_lines", len(lines))
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "tokenizer"
-        tokenizer = train_tokenizer((line.text for line in lines), out, cfg.tokenizer.vocab_size, seed=cfg.seed,
+        tokenizer = train_tokenizer(lines, out, cfg.tokenizer.vocab_size, seed=cfg.seed,
                                     character_coverage=cfg.tokenizer.character_coverage)
         tracking.log_checkpoint(out, "tokenizer")
     per_lang = cfg.data.heldout.max_lines_per_lang
