@@ -111,6 +111,10 @@ class RunLifecycle:
 
             check_trainer(cfg.trainer)
         tracking.check(cfg)
+        if check_inputs:  # the job started (a lineage input inherits tracking.register_best, and is no trial)
+            from atm.sweeps.register import check as check_register_best
+
+            check_register_best(cfg, top_level=True)
         runs = lineage.check_inputs(cfg) if check_inputs else []
         experiment_id = tracking.configure(cfg)
         lineage.check_runs(runs, cfg)

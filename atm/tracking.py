@@ -28,6 +28,7 @@ import shutil
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator, Mapping
+from urllib.parse import quote
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -52,9 +53,11 @@ CHECKPOINTS = "checkpoints"
 #: The MLflow logged model (MLflow 3 ``LoggedModel``) holding a run's final checkpoint.
 TAG_MODEL = "atm.model_id"
 
-# Keys that say where and how a run is recorded, not what it trains: left out of the hash.
-_UNHASHED = ("data.mirror", "data.dir", "trainer.device", "trainer.log_every", "stage.objective",
-             "distill.cache.dir", "trainer.state_every", "trainer.state_dir", "trainer.keep_last", "trainer.resume")
+# Keys that say where and how a run is recorded, not what it trains: left out of the hash. (Token shards are the
+# same bytes whoever builds them, and batches the same whichever loader worker collates them.)
+_UNHASHED = ("data.mirror", "data.dir", "data.shards", "data.loader", "trainer.device", "trainer.log_every",
+             "stage.objective", "distill.cache.dir", "trainer.state_every", "trainer.state_dir", "trainer.keep_last",
+             "trainer.resume")
 
 
 def tracking_uri(cfg: DictConfig | None = None) -> str:
@@ -341,7 +344,8 @@ def run_note(cfg: DictConfig, consumed: Mapping[str, str | None]) -> str:
 
 def update_sweep_note(parent_run_id: str) -> None:
     """Write the sweep parent's description (tag ``mlflow.note.content``): the study, the best trial so far as a
-    link to its run (tags ``sweep.best_*``), and the sweep report's plots (``report/*.png``) as images served by
+    link to its run (tags ``sweep.best_*``), the registered model version of the best trial (tag
+    ``sweep.registered_model``, :mod:`atm.sweeps.register`) as a link, and the sweep report's plots (``report/*.png``) as images served by
     the MLflow UI (``get-artifact``)."""
     from mlflow.tracking import MlflowClient
 
@@ -356,6 +360,9 @@ def update_sweep_note(parent_run_id: str) -> None:
                      f" objective {float(tags['sweep.best_value']):.6g} ({tags.get('optuna.direction', '?')})")
     else:
         lines.append("Best trial: none finished yet")
+    if tags.get("sweep.registered_model"):  # tracking.register_best (atm.sweeps.register)
+        name, _, version = tags["sweep.registered_model"].rpartition("/")
+        lines.append(f"\nRegistered: [{name} version {version}](#/models/{quote(name)}/versions/{version})")
     try:
         plots = sorted(f.path for f in client.list_artifacts(parent_run_id, "report") if f.path.endswith(".png"))
     except Exception:  # no report yet
@@ -370,7 +377,9 @@ def check(cfg: DictConfig) -> None:
 
     Raises:
         AtmError: naming the key: ``tracking.experiment`` empty, ``tracking.system_metrics`` not a boolean,
-            ``tracking.system_metrics_interval`` not > 0, ``tracking.system_metrics_log_every`` below the interval.
+            ``tracking.system_metrics_interval`` not > 0, ``tracking.system_metrics_log_every`` below the interval,
+            ``tracking.register_best`` not a registered model name (:func:`atm.sweeps.register.check`; the run
+            :mod:`atm.run` checks that it is a sweep's trial).
     """
     t = cfg.get("tracking")
     if t is None:
@@ -386,6 +395,9 @@ def check(cfg: DictConfig) -> None:
     if every < interval:
         raise AtmError(f"tracking.system_metrics_log_every={every!r} must be at least "
                        f"tracking.system_metrics_interval={interval!r} (a logged value is the mean of the samples)")
+    from atm.sweeps.register import check as check_register_best
+
+    check_register_best(cfg, top_level=False)
 
 
 def _system_metrics(cfg: DictConfig) -> bool:

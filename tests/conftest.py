@@ -29,6 +29,24 @@ TINY = [
     "finetune.max_train_per_locale=48", "finetune.max_eval_per_locale=24",
 ]
 
+# `+experiment=alexatm_mini` (or its GPU configuration) at tiny scale: every job and input in seconds. The job
+# settings (eval, finetune) are inherited by the inputs lineage trains, so they are tiny too.
+TINY_EXPERIMENT_SETTINGS = [
+    "alexatm.steps.stage1=4", "alexatm.steps.stage2=4", "alexatm.steps.intermediate=4", "alexatm.steps.switch=2",
+    "alexatm.steps.final=4", "alexatm.steps.finetune=4", "alexatm.save_every.stage1=2", "alexatm.save_every.stage2=2",
+    "tokenizer.vocab_size=2000", "tokenizer.character_coverage=0.98", "tokenizer.max_lines_per_source=60",
+    "data.written.max_lines_per_source=40", "data.spoken.max_lines_per_source=40",
+    "data.heldout.max_lines_per_lang=4", "data.max_seq_len=32", "eval.perplexity.max_lines_per_lang=4",
+    "finetune.max_train_per_locale=16", "finetune.max_eval_per_locale=12", "finetune.seeds=[0]",
+    "eval.xnli.train_pairs=32", "eval.xnli.max_test_pairs_per_lang=12",
+]
+
+
+def tiny_experiment(experiment: str = "alexatm_mini", inherit: tuple[str, ...] = ()) -> list[str]:
+    """Overrides of ``+experiment=<experiment>`` at tiny scale; ``inherit``: more ``lineage.inherit`` prefixes."""
+    prefixes = ["lineage", "data", "tokenizer", "tracking", *inherit, "experiment", "alexatm", "eval", "finetune"]
+    return [f"+experiment={experiment}", f"lineage.inherit=[{','.join(prefixes)}]", *TINY_EXPERIMENT_SETTINGS]
+
 
 @pytest.fixture(scope="module")
 def real_data_env(tmp_path_factory):
@@ -73,6 +91,18 @@ def trained_store(tmp_path_factory, env: dict[str, str], name: str, args: list[s
     result = atm_train(args, cwd, env)
     assert result.returncode == 0, result.stderr[-3000:]
     return cwd
+
+
+def finished_runs_by_stage(root: Path, experiment_id: str = "1") -> dict[str, list[Any]]:
+    """The runs of ``<root>/mlflow.db`` by their ``atm.stage`` tag, oldest first; every one must be FINISHED."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{root}/mlflow.db")
+    runs: dict[str, list[Any]] = {}
+    for run in client.search_runs([experiment_id], order_by=["attributes.start_time ASC"], max_results=5000):
+        assert run.info.status == "FINISHED", (run.info.run_name, run.info.status)
+        runs.setdefault(run.data.tags["atm.stage"], []).append(run)
+    return runs
 
 
 def mlflow_store(root: Path, experiment: str = "atm") -> tuple[str, Any, str]:

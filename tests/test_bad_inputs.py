@@ -1,5 +1,5 @@
 """The bad-input battery (issue 14): every case is a real ``python -m atm.train`` subprocess (or an
-``analysis/<name>.py`` script, or ``python -m atm.sweeps.report``) that must exit with
+``analysis/<name>.py`` script, or ``python -m atm.sweeps.report`` / ``python -m atm.sweeps.register``) that must exit with
 status 2 and print exactly one non-empty line on stderr (``error: ...``, no traceback) naming the culprit, and
 leave the store consistent: no MLflow run at all (every case fails before a run starts), no partial file in the
 data or artifact cache.
@@ -80,10 +80,24 @@ CASES: list[tuple[str, list[str], str]] = [
     ("eval_checkpoints_unknown", ["stage=evaluate", "eval.checkpoints=some"], "eval.checkpoints='some'"),
     ("xnli_language_unknown", ["stage=evaluate", "eval.xnli.languages=[xx]"], "eval.xnli.languages"),
     ("data_mirror_missing", ["stage=train_tokenizer", "data.mirror=/nonexistent/mirror"], "data.mirror"),
+    # your own corpora (issue 12): checked before the tokenizer (an input) or anything else runs
+    ("corpus_glob_matches_nothing", ["stage=pretrain_stage1", "data.written.paths=[nowhere/*.txt.gz]"],
+     "data.written.paths[0]='nowhere/*.txt.gz' matches no file"),
+    ("corpus_paths_not_a_list", ["stage=pretrain_stage2", "data.spoken.paths=corpus.txt"],
+     "data.spoken.paths='corpus.txt' must be a list of globs"),
+    ("loader_workers_negative", ["stage=pretrain_stage1", "data.loader.workers=-1"], "data.loader.workers=-1"),
+    ("shard_workers_zero", ["stage=distill_final", "data.shards.workers=0"], "data.shards.workers=0"),
     ("system_metrics_interval_zero", ["stage=train_tokenizer", "tracking.system_metrics_interval=0"],
      "tracking.system_metrics_interval=0"),
     ("system_metrics_not_bool", ["stage=train_tokenizer", "tracking.system_metrics=sometimes"],
      "tracking.system_metrics='sometimes'"),
+    # tracking.register_best: a registered model name, for a single-objective sweep (the sweeper checks it first)
+    ("register_best_not_a_sweep", ["stage=train_tokenizer", "tracking.register_best=teacher"],
+     "tracking.register_best=teacher registers the best trial of a sweep"),
+    ("register_best_bad_name", ["-m", "+sweep=bench_pruning", "tracking.register_best=a/b"],
+     "tracking.register_best='a/b' must not contain '/' or ':'"),
+    ("register_best_multi_objective", ["-m", "+sweep=student_cost", "tracking.register_best=student"],
+     "tracking.register_best=student: a sweep with 2 objectives has no single best trial"),
     # the dry pass over the input graph: rejected before any input is trained
     ("skip_mapping_deeper_student", ["stage=distill_final", "teacher=pretrain_stage2", "model=teacher_small",
                                      "distill.intermediate.layer_mapping=skip"], "layer_mapping=skip"),
@@ -105,6 +119,10 @@ CASES: list[tuple[str, list[str], str]] = [
     ("analysis_run_id_refused", ["analysis/findings.py", "--run-id", "abc"], "--run-id is not supported"),
     ("baseline_locale_unknown", ["analysis/baseline_tfidf.py", "--locale", "xx-XX"], "xx-XX"),
     ("sweep_report_study_missing", ["module:atm.sweeps.report"], "the following arguments are required: study"),
+    ("register_name_missing", ["module:atm.sweeps.register", "--study", "s"],
+     "the following arguments are required: --name"),
+    ("register_store_missing", ["module:atm.sweeps.register", "--run", "0123", "--name", "m", "--tracking-uri",
+                                "sqlite:///{empty}/mlflow.db"], "no MLflow store at"),
     ("sweep_report_storage_missing", ["module:atm.sweeps.report", "s", "--storage", "sqlite:///{empty}/optuna.db"],
      "no Optuna storage at"),
 ]

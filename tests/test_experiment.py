@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import REPO, atm_train
+from conftest import REPO, atm_train, finished_runs_by_stage, tiny_experiment
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
@@ -175,16 +175,7 @@ def test_gpu_configuration_composes_with_larger_models():
 
 # ------------------------------------------------------------------------------------ a real multirun
 
-TINY_EXPERIMENT = [
-    "+experiment=alexatm_mini", "lineage.inherit=[lineage,data,tokenizer,tracking,experiment,alexatm,eval,finetune]",
-    "alexatm.steps.stage1=4", "alexatm.steps.stage2=4", "alexatm.steps.intermediate=4", "alexatm.steps.switch=2",
-    "alexatm.steps.final=4", "alexatm.steps.finetune=4", "alexatm.save_every.stage1=2", "alexatm.save_every.stage2=2",
-    "tokenizer.vocab_size=2000", "tokenizer.character_coverage=0.98", "tokenizer.max_lines_per_source=60",
-    "data.written.max_lines_per_source=40", "data.spoken.max_lines_per_source=40",
-    "data.heldout.max_lines_per_lang=4", "data.max_seq_len=32", "eval.perplexity.max_lines_per_lang=4",
-    "finetune.max_train_per_locale=16", "finetune.max_eval_per_locale=12", "finetune.seeds=[0]",
-    "eval.xnli.train_pairs=32", "eval.xnli.max_test_pairs_per_lang=12",
-]
+TINY_EXPERIMENT = tiny_experiment("alexatm_mini")
 
 
 @pytest.mark.slow
@@ -194,10 +185,7 @@ def test_tiny_multirun_of_two_jobs_then_the_ablation_sweep(tmp_path: Path, data_
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db")
-    runs = {}
-    for run in client.search_runs(["1"], order_by=["attributes.start_time ASC"]):
-        assert run.info.status == "FINISHED"
-        runs.setdefault(run.data.tags["atm.stage"], []).append(run)
+    runs = finished_runs_by_stage(tmp_path)
     # lineage trained each input once: tokenizer, Stage 1 + 2 of the largest teacher, the two students
     assert {k: len(v) for k, v in runs.items()} == {"train_tokenizer": 1, "pretrain_stage1": 1, "pretrain_stage2": 1,
                                                     "distill_intermediate": 1, "distill_final": 1, "finetune": 2}

@@ -1,13 +1,16 @@
 """The MLflow UI as the researcher's home (issue 15): what a tiny sweep leaves in a fresh store, read back through
 ``mlflow server``'s REST API as the UI reads it: the experiment's kind (the UI opens on training runs), the trials
 nested under the sweep's parent run, the datasets each run read, each run's description linking its inputs' runs,
-the parent's description naming the best trial and showing the report's plots; and MLflow system metrics.
+the parent's description naming the best trial and showing the report's plots; MLflow system metrics; the best
+trial's model registered (``tracking.register_best``, ``python -m atm.sweeps.register``); and the screenshot script
+``tools/screenshots.py``.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -23,15 +26,17 @@ from conftest import TINY, atm_train
 from atm.tracking import EXPERIMENT_KIND, TAG_EXPERIMENT_KIND, TAG_NOTE
 
 N_TRIALS = 2
+REGISTERED = "tiny teacher"  # tracking.register_best (a space: names are not URL paths)
 
 
 @pytest.fixture(scope="module")
 def sweep_dir(tmp_path_factory, data_env):
-    """A fresh working directory where a 2-trial sweep ran (lineage trained the tokenizer first)."""
+    """A fresh working directory where a 2-trial sweep ran (lineage trained the tokenizer first), registering its
+    best trial's model as ``REGISTERED``."""
     cwd = tmp_path_factory.mktemp("ui-sweep")
     result = atm_train(["-m", "+sweep=bench_pruning", *TINY, f"hydra.sweeper.n_trials={N_TRIALS}",
                         "hydra.sweeper.pruner.name=none", f"hydra.sweeper.storage=sqlite:///{cwd}/optuna.db",
-                        f"hydra.sweep.dir={cwd}/sweep"], cwd, data_env)
+                        f"hydra.sweep.dir={cwd}/sweep", f"tracking.register_best={REGISTERED}"], cwd, data_env)
     assert result.returncode == 0, result.stderr[-3000:]
     return cwd
 
@@ -147,7 +152,8 @@ def test_final_checkpoints_are_logged_models_that_transformers_loads(rest, tmp_p
 
 def test_system_metrics_are_logged_as_configured(tmp_path, data_env, rest):
     """Sampling every 0.2 s and logging every 0.4 s, a few-second run has ``system/`` metrics; with the default
-    settings (a value a minute) the sweep's runs, all shorter than a minute, have none."""
+    settings (a value a minute) the sweep's runs shorter than a minute have none, those of a minute or more (a
+    loaded machine) at most one value per full minute."""
     from mlflow.tracking import MlflowClient
 
     result = atm_train(["stage=train_tokenizer", *TINY, "tracking.system_metrics_interval=0.2",
@@ -158,4 +164,153 @@ def test_system_metrics_are_logged_as_configured(tmp_path, data_env, rest):
     assert {"system/cpu_utilization_percentage", "system/system_memory_usage_megabytes"} <= set(run.data.metrics)
     experiment = rest("GET", "experiments/get-by-name?experiment_name=atm")["experiment"]
     runs = rest("POST", "runs/search", {"experiment_ids": [experiment["experiment_id"]], "max_results": 100})["runs"]
-    assert runs and not [m["key"] for r in runs for m in r["data"].get("metrics", []) if m["key"].startswith("system/")]
+    assert runs
+    for r in runs:
+        minutes = (int(r["info"]["end_time"]) - int(r["info"]["start_time"])) // 60_000
+        keys = [m["key"] for m in r["data"].get("metrics", []) if m["key"].startswith("system/cpu_utilization")]
+        assert len(keys) <= minutes, (r["info"]["run_name"], minutes, keys)
+        if keys:
+            history = rest("GET", f"metrics/get-history?run_id={r['info']['run_id']}&metric_key={keys[0]}")
+            assert len(history["metrics"]) <= minutes
+
+
+def _register_cli(args: list[str], cwd: Path, env: dict[str, str]) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "atm.sweeps.register", *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_the_best_trial_is_registered_with_its_metrics_and_lineage(rest, sweep_dir, data_env, tmp_path,
+                                                                     monkeypatch):
+    """``tracking.register_best``: version 1 of the registered model holds the best trial's logged model (source
+    ``models:/<id>``, run = the best trial), its tags carry the objective, the run's final metrics and its lineage,
+    the sweep parent links it; ``transformers`` loads ``models:/<name>/1`` as downloaded; registering the same
+    sweep again (``python -m atm.sweeps.register --study``) adds no version, another trial's model adds version 2."""
+    import mlflow
+    import transformers
+    from mlflow.tracking import MlflowClient
+
+    from atm.sweeps import register
+    from atm.tracking import TAG_MODEL
+
+    client = MlflowClient(rest.uri)
+    experiment = client.get_experiment_by_name("atm")
+    runs = client.search_runs([experiment.experiment_id])
+    (parent,) = [r for r in runs if r.data.tags.get("atm.sweep_parent") == "bench_pruning"]
+    best = client.get_run(parent.data.tags["sweep.best_run_id"])
+    (tokenizer,) = [r for r in runs if r.data.tags.get("atm.stage") == "train_tokenizer"]
+    model = client.get_registered_model(REGISTERED)
+    assert "atm" in model.description
+    (version,) = client.search_model_versions(f"name = '{REGISTERED}'")
+    model_id = best.data.tags[TAG_MODEL]
+    assert version.version == "1" and version.run_id == best.info.run_id
+    assert version.source in (f"models:/{model_id}", client.get_logged_model(model_id).artifact_location)
+    tags = version.tags
+    objective = "eval/perplexity/written"
+    assert tags[register.TAG_OBJECTIVE] == objective
+    assert float(tags[register.TAG_OBJECTIVE_VALUE]) == pytest.approx(float(parent.data.tags["sweep.best_value"]))
+    assert float(tags[f"metric.{objective}"]) == pytest.approx(best.data.metrics[objective])
+    assert f"metric.{objective.replace('written', 'spoken')}" in tags and "metric.train/loss" in tags
+    assert not [k for k in tags if k.startswith("metric.system/")]
+    assert tags[register.TAG_RUN] == best.info.run_id and tags[TAG_MODEL] == model_id
+    assert tags[register.TAG_PARENT] == parent.info.run_id and tags["atm.sweep"] == "bench_pruning"
+    assert tags["atm.input.tokenizer_run"] == tokenizer.info.run_id
+    assert tags["atm.config_hash"] == best.data.tags["atm.config_hash"]
+    assert tags["optuna.trial_number"] == parent.data.tags["sweep.best_trial"]
+    assert f"#/experiments/{experiment.experiment_id}/runs/{best.info.run_id}" in version.description
+    assert tokenizer.info.run_id in version.description and objective in version.description
+    assert parent.data.tags[register.TAG_REGISTERED] == f"{REGISTERED}/1"
+    assert "#/models/tiny%20teacher/versions/1" in parent.data.tags["mlflow.note.content"]
+
+    # MLflow 3.17 resolves models:/<name>/<version> in the process's registry (its tracking URI), whatever
+    # tracking_uri/registry_uri download_artifacts is given
+    monkeypatch.setattr(mlflow.tracking._tracking_service.utils, "_tracking_uri", rest.uri)  # this process only
+    local = mlflow.artifacts.download_artifacts(f"models:/{REGISTERED}/1", dst_path=str(tmp_path / "registered"))
+    assert transformers.AutoModelForMaskedLM.from_pretrained(local).num_parameters() > 0
+
+    env = {**data_env, "MLFLOW_TRACKING_URI": rest.uri}
+    again = _register_cli(["--study", "bench_pruning", "--name", REGISTERED, "--storage",
+                           f"sqlite:///{sweep_dir}/optuna.db"], tmp_path, env)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert again.stdout.startswith(f"already registered: {REGISTERED} version 1:"), again.stdout
+    assert len(client.search_model_versions(f"name = '{REGISTERED}'")) == 1
+    (other,) = [r for r in runs if r.info.run_id != best.info.run_id and r.data.tags.get("mlflow.parentRunId")
+                == parent.info.run_id]
+    second = _register_cli(["--run", other.info.run_id, "--name", REGISTERED], tmp_path, env)
+    assert second.returncode == 0, second.stderr[-2000:]
+    versions = {v.version: v.run_id for v in client.search_model_versions(f"name = '{REGISTERED}'")}
+    assert versions == {"1": best.info.run_id, "2": other.info.run_id}
+    assert client.get_run(parent.info.run_id).data.tags[register.TAG_REGISTERED] == f"{REGISTERED}/1"
+
+
+def test_registering_a_run_without_a_model_is_one_line(rest, data_env, tmp_path):
+    """A run with no logged model (the tokenizer run, or the sweep parent): exit 2, one ``error:`` line naming the
+    run, and no version added."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(rest.uri)
+    runs = client.search_runs([client.get_experiment_by_name("atm").experiment_id])
+    (tokenizer,) = [r for r in runs if r.data.tags.get("atm.stage") == "train_tokenizer"]
+    before = len(client.search_model_versions(f"name = '{REGISTERED}'"))
+    result = _register_cli(["--run", tokenizer.info.run_id, "--name", REGISTERED], tmp_path,
+                           {**data_env, "MLFLOW_TRACKING_URI": rest.uri})
+    lines = [ln for ln in result.stderr.splitlines() if ln.strip()]
+    assert result.returncode == 2 and len(lines) == 1, result.stderr
+    assert lines[0].startswith(f"error: run {tokenizer.info.run_id} (train_tokenizer) has no logged model"), lines
+    assert len(client.search_model_versions(f"name = '{REGISTERED}'")) == before
+
+
+def test_screenshots_need_chromium(tmp_path, data_env):
+    """Without Chromium on PATH the screenshot script says which package to install: exit 2, one line."""
+    env = {**data_env, "PATH": str(Path(sys.executable).parent)}
+    result = subprocess.run([sys.executable, str(Path(__file__).parents[1] / "tools" / "screenshots.py"),
+                             "--out", str(tmp_path / "png")], cwd=tmp_path, env=env, capture_output=True, text=True,
+                            timeout=120)
+    lines = [ln for ln in result.stderr.splitlines() if ln.strip()]
+    assert result.returncode == 2 and len(lines) == 1, result.stderr
+    assert lines[0].startswith("error: no Chromium on PATH") and "Debian package chromium" in lines[0], lines
+    assert not (tmp_path / "png").exists()
+
+
+@pytest.mark.skipif(not any(shutil.which(b) for b in ("chromium", "chromium-browser", "google-chrome",
+                                                      "chromium-headless-shell")), reason="no Chromium installed")
+def test_screenshots_of_the_sweep(rest, tmp_path):
+    """``tools/screenshots.py`` against the running server writes the runs page, the sweep parent's, its best
+    trial's and the registered version's pages as PNGs of the window's size."""
+    out = tmp_path / "png"
+    result = subprocess.run([sys.executable, str(Path(__file__).parents[1] / "tools" / "screenshots.py"),
+                             "--tracking-uri", rest.uri, "--out", str(out), "--window-size", "1280,800",
+                             "--wait-ms", "6000"], cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    names = {"runs.png", "sweep.png", "best_trial.png", "registered_model.png"}
+    assert {p.name for p in out.iterdir()} == names
+    for name in names:
+        head = (out / name).read_bytes()[:24]
+        assert head[:8] == b"\x89PNG\r\n\x1a\n", name
+        assert (int.from_bytes(head[16:20], "big"), int.from_bytes(head[20:24], "big")) == (1280, 800), name
+
+
+def test_a_failed_registration_keeps_the_sweep(rest, caplog, monkeypatch):
+    """The end-of-sweep registration of a best trial without a logged model (here: a study whose only trial is the
+    tokenizer run) warns in one line naming the retry command, raises nothing and registers nothing."""
+    import logging
+
+    import mlflow
+    import optuna
+    from mlflow.tracking import MlflowClient
+    from omegaconf import OmegaConf
+
+    from atm.sweeps import RUN_ATTR, register
+
+    client = MlflowClient(rest.uri)
+    runs = client.search_runs([client.get_experiment_by_name("atm").experiment_id])
+    (tokenizer,) = [r for r in runs if r.data.tags.get("atm.stage") == "train_tokenizer"]
+    study = optuna.create_study(study_name="no_model")
+    study.add_trial(optuna.trial.create_trial(value=1.0, user_attrs={RUN_ATTR: tokenizer.info.run_id}))
+    before = len(client.search_model_versions(f"name = '{REGISTERED}'"))
+    monkeypatch.setattr(mlflow.tracking._tracking_service.utils, "_tracking_uri", rest.uri)  # this process only
+    with caplog.at_level(logging.WARNING, logger="atm.sweeps.register"):
+        register.after_sweep(study, OmegaConf.create({"tracking": {"register_best": REGISTERED}}), None)
+    (record,) = [r for r in caplog.records if r.name == "atm.sweeps.register"]
+    assert "has no logged model" in record.getMessage() and "python -m atm.sweeps.register --study no_model" in \
+        record.getMessage() and "\n" not in record.getMessage(), record.getMessage()
+    assert len(client.search_model_versions(f"name = '{REGISTERED}'")) == before

@@ -182,7 +182,9 @@ def log_to_parent(study: Any, out_dir: Path, storage: str | None, experiment_id:
 
 def report(study: Any, sweep_dir: str | Path, config: Any = None) -> Path:
     """The sweeper's end-of-run hook: write the report under ``<sweep_dir>/report`` and, for an atm app (its
-    config has ``tracking``), log it on the sweep's MLflow parent run. Returns the report directory."""
+    config has ``tracking``), log it on the sweep's MLflow parent run, then, with ``tracking.register_best=<name>``,
+    register the best trial's model (:func:`atm.sweeps.register.after_sweep`: a failure to register is a
+    warning). Returns the report directory."""
     from omegaconf import OmegaConf
 
     # what the jobs recorded (a job override may change the stage, and so its objective), else the sweep's config
@@ -205,6 +207,10 @@ def report(study: Any, sweep_dir: str | Path, config: Any = None) -> Path:
         storage = absolute_url(OmegaConf.select(config, "hydra.sweeper.storage", default=None))
         parent = log_to_parent(study, out, storage, experiment_id)
         log.info("sweep report: %s (MLflow parent run %s, artifacts report/)", out, parent)
+        if config.tracking.get("register_best") is not None:  # never raises: the results above are kept
+            from atm.sweeps.register import after_sweep
+
+            after_sweep(study, config, parent)
     else:
         log.info("sweep report: %s", out)
     return out

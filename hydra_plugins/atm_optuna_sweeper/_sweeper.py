@@ -25,6 +25,7 @@ from optuna.trial import TrialState
 
 from atm.sweeps import PRUNER_ATTR
 from atm.sweeps.pruners import SweepError, make_pruner
+from atm.sweeps.register import check_sweep as check_register_best
 
 from ._space import Param, build_search_space, probe_assignments, sample
 from ._study import (
@@ -144,6 +145,8 @@ class AtmOptunaSweeperImpl(SweeperSettings):
         """
         directions = self._directions()
         self._validate(directions)
+        if self.config.get("tracking") is not None:  # an atm app: tracking.register_best needs one best trial
+            check_register_best(self.config, len(directions))
         sampler_name = self.sampler_spec.get("name", "tpe")
 
         parser = OverridesParser.create(config_loader=self.hydra_context.config_loader)
