@@ -37,6 +37,9 @@ class Interrupted(AtmError):
         super().__init__(message)
         self.step = step
 
+    def __reduce__(self):  # pickled across processes (a launcher's job): keep the step
+        return type(self), (str(self), self.step)
+
 
 class ArgumentParser(argparse.ArgumentParser):
     """:class:`argparse.ArgumentParser` whose usage errors are one line, like every other atm error:

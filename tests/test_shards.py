@@ -135,11 +135,13 @@ def test_bad_settings_name_the_key(setting, message):
     assert message in str(err.value)
 
 
-def test_hugging_face_source_through_datasets(tmp_path, tokenizer, real_data_env):
+@pytest.mark.parametrize("streaming", [False, True])
+def test_hugging_face_source_through_datasets(tmp_path, tokenizer, real_data_env, streaming):
     pytest.importorskip("datasets")
     path = tmp_path / "hf.jsonl"
     path.write_text("\n".join(json.dumps({"body": f"remind me to buy milk number {i}"}) for i in range(5)) + "\n")
-    cfg = _data_cfg(hf=[{"name": "json", "data_files": [str(path)], "split": "train"}], text_field="body")
+    cfg = _data_cfg(hf=[{"name": "json", "data_files": [str(path)], "split": "train", "streaming": streaming}],
+                    text_field="body")
     cfg.shards.dir = str(tmp_path / "shards")
     shard = corpora.corpus_shard("written", cfg, tokenizer)
     (counts,) = shard.sources

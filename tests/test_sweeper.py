@@ -124,6 +124,21 @@ def test_failed_jobs_are_recorded_and_the_sweep_continues(tmp_path):
     assert results(tmp_path)["n_trials"]["fail"] == 2
 
 
+def test_ctrl_c_inside_a_trial_stops_the_sweep_and_the_rerun_retries_it(tmp_path):
+    """atm's training loop turns Ctrl-C into atm.errors.Interrupted, which Hydra's job runner reports as the job's
+    failure: the sweep must stop there (not go on to the next trial), with the trial FAIL and its retry enqueued."""
+    proc = run_app(tmp_path, "interrupt_on=[1]")
+    assert proc.returncode != 0 and "interrupted at step 3 of trial 1" in proc.stderr
+    study = sqlite_study(tmp_path)
+    assert [t.state for t in study.trials] == [TrialState.COMPLETE, TrialState.FAIL, TrialState.WAITING]
+    assert sorted(k for k in markers(tmp_path)) == [0, 1]  # trials 2 and 3 never started
+    assert study.trials[2].system_attrs["failed_trial"] == 1 and study.trials[2].params == study.trials[1].params
+    again = run_app(tmp_path, "interrupt_on=[1]")
+    assert again.returncode == 0, again.stderr
+    states = [t.state for t in sqlite_study(tmp_path).trials]
+    assert states.count(TrialState.COMPLETE) == 4 and states.count(TrialState.FAIL) == 1
+
+
 def test_sweep_where_every_trial_fails_exits_nonzero(tmp_path):
     proc = run_app(tmp_path, "fail_on=[0,1]", "hydra.sweeper.n_trials=2")
     assert proc.returncode != 0

@@ -153,8 +153,10 @@ def attach(cfg: DictConfig, run_id: str):
 def close_failed_runs(trials: Iterable[Any]) -> list[str]:
     """Mark FAILED (tag ``atm.trial_state=FAIL``) the MLflow runs of FAIL Optuna trials: a worker killed
     mid-trial leaves its run RUNNING; one killed between ending its run and telling Optuna the result
-    leaves it FINISHED, yet the trial is FAIL and is retried, so the run must not count (nor be reused by
-    lineage) beside its retry. Runs already FAILED or KILLED are left alone. Returns the run ids closed."""
+    leaves it FINISHED, and one interrupted by Ctrl-C in its training loop ends it KILLED; yet the trial is FAIL and
+    is retried in a new run, so the run must not count (nor be reused by lineage) beside its retry. Runs already
+    FAILED, and KILLED runs of a pruned job (tag ``atm.trial_state=PRUNED``: a worker died before telling Optuna),
+    are left alone. Returns the run ids closed."""
     from mlflow.tracking import MlflowClient
     from optuna.trial import TrialState
 
@@ -167,11 +169,12 @@ def close_failed_runs(trials: Iterable[Any]) -> list[str]:
             run = client.get_run(run_id)
         except Exception:  # a run of another tracking store
             continue
-        if run.info.status in ("RUNNING", "FINISHED"):
+        pruned = run.info.status == "KILLED" and run.data.tags.get(TAG_TRIAL_STATE) == "PRUNED"
+        if run.info.status in ("RUNNING", "FINISHED", "KILLED") and not pruned:
             client.set_tag(run_id, TAG_TRIAL_STATE, "FAIL")
             client.set_terminated(run_id, "FAILED")
             closed.append(run_id)
-            log.info("trial #%d failed (worker died): MLflow run %s (%s) marked FAILED", t.number, run_id,
+            log.info("trial #%d failed (worker died or interrupted): MLflow run %s (%s) marked FAILED", t.number, run_id,
                      run.info.status)
     return closed
 

@@ -23,6 +23,7 @@ from hydra.types import HydraContext, TaskFunction
 from omegaconf import DictConfig, OmegaConf
 from optuna.trial import TrialState
 
+from atm.errors import Interrupted
 from atm.sweeps import PRUNER_ATTR
 from atm.sweeps.pruners import SweepError, make_pruner
 from atm.sweeps.register import check_sweep as check_register_best
@@ -218,7 +219,12 @@ class AtmOptunaSweeperImpl(SweeperSettings):
                     if heart is not None:
                         heart.discard([t._trial_id for t in trials])
                 n_retried = 0
+                interrupted = None
                 for trial, result in zip(trials, results):
+                    if _interrupted(result):  # Ctrl-C inside a job's training loop: retry the trial, then stop
+                        fail_interrupted(study, [trial], retry_callback(self.max_retry) if url is not None else None)
+                        interrupted = interrupted or result._return_value
+                        continue
                     if url is not None and self._retry_infrastructure_failure(study, trial, result):
                         n_retried += 1  # its retry (WAITING) is asked first; it does not use up an attempt
                         continue
@@ -230,6 +236,8 @@ class AtmOptunaSweeperImpl(SweeperSettings):
                         n_ok += 1
                 remaining -= len(trials) - n_retried
                 returns.append(results)
+                if interrupted is not None:
+                    raise interrupted
         finally:
             if heart is not None:
                 heart.stop()
@@ -342,3 +350,10 @@ class AtmOptunaSweeperImpl(SweeperSettings):
             ]
             log.info(f"Pareto front: {[(t.number, t.values) for t in best]}")
         OmegaConf.save(OmegaConf.create(results), sweep_dir / "optimization_results.yaml")
+
+
+def _interrupted(result: JobReturn) -> bool:
+    """Whether a job ended by the user's Ctrl-C: :class:`atm.errors.Interrupted` (raised by the training loop,
+    which the job runner reports as the job's failure) or a ``KeyboardInterrupt``. The sweep stops there, as the
+    command would without a sweep."""
+    return result.status != JobStatus.COMPLETED and isinstance(result._return_value, (Interrupted, KeyboardInterrupt))

@@ -6,6 +6,7 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
+from atm.errors import Interrupted
 from atm.sweeps import trial_from_config
 
 
@@ -30,6 +31,9 @@ def main(cfg: DictConfig) -> float:
         Path(cfg.marker_dir, f"{number}.json").write_text(json.dumps(record))
     if number in cfg.fail_on:
         raise RuntimeError(f"boom in trial {number}")
+    if number in cfg.interrupt_on and not Path(cfg.marker_dir, f"interrupted-{number}").exists():
+        Path(cfg.marker_dir, f"interrupted-{number}").touch()  # once: the retry of the trial runs through
+        raise Interrupted(f"interrupted at step 3 of trial {number}; rerun the same command", 3)
     if number in cfg.nan_on:
         return float("nan")
     return value
