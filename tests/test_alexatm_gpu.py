@@ -23,7 +23,8 @@ TINY_GPU = [*tiny_experiment("alexatm_gpu", inherit=("trainer.device", "cost")),
             "eval.perplexity.written_languages=[en,de]", "eval.perplexity.spoken_locales=[en-US,de-DE]",
             "eval.mask_fill.languages=[en,de]", "eval.mask_fill.spoken_locales=[en-US,de-DE]",
             "eval.mask_fill.max_sentences_per_lang=4", "eval.mask_fill.max_utterances_per_locale=4",
-            "eval.xnli.languages=[en,de]", "trainer.max_steps=4"]
+            "eval.xnli.languages=[en,de]", "trainer.max_steps=4",
+            "data.loader.workers=1", "data.loader.prefetch=2"]  # a loader process (the config's 4 cost 2 cores 2.5 min)
 # conf/experiment/alexatm_gpu.yaml's jobs (alexatm_mini's): 8 evaluations and 15 fine-tunings (10 full, 5
 # zero-shot); the fine-tuning baseline of ft_final is the run of ft_stage2_l, found by its config hash
 JOB_RUNS = {"evaluate": 8, "finetune": 15}
@@ -46,6 +47,7 @@ def test_every_job_of_the_gpu_configuration_runs_on_cpu(tmp_path: Path, data_env
         for run in runs[stage]:
             assert run.data.tags["atm.precision"] == "bf16", (stage, run.info.run_name)
             assert (run.data.params["trainer.device"], run.data.params["trainer.lr"]) == ("cpu", "0.0001")
+            assert run.data.params["data.loader.workers"] == "1"  # the MLM stages read batches through it
     assert {r.data.params["tokenizer.vocab_size"] for rs in runs.values() for r in rs} == {"2000"}
     evaluated = {r.data.tags["atm.input.target"] for r in runs["evaluate"]}
     assert evaluated == {r.info.run_id for stage in models for r in runs[stage]}  # every model, once
