@@ -235,15 +235,21 @@ def _cap(groups: _Groups, cap: int | None, seed: int) -> list[TextLine]:
     return corpus
 
 
+def _by_source(sources: Sequence[_Source], lines: Iterable[TextLine]) -> dict[str, tuple[list[TextLine], list[str]]]:
+    """Per source name of ``sources``, in their order: its ``lines`` and the files (mirror layout) it reads."""
+    groups = {source.name: ([], []) for source in sources}
+    for source in sources:
+        if source.rel not in groups[source.name][1]:
+            groups[source.name][1].append(source.rel)
+    for line in lines:
+        groups[line.source][0].append(line)
+    return groups
+
+
 def _reads(kind: str, sources: Sequence[_Source], lines: Sequence[TextLine], context: str) -> Iterable[DataRead]:
     """One MLflow dataset per source name of ``sources``: ``<kind>/<source>``, the ``lines`` of that source."""
-    by_source: dict[str, list[TextLine]] = {}
-    for line in lines:
-        by_source.setdefault(line.source, []).append(line)
-    for name in dict.fromkeys(source.name for source in sources):
-        group = by_source.get(name, [])
-        yield text_read(f"{kind}/{name}", [line.text for line in group],
-                        [source.rel for source in sources if source.name == name], context,
+    for name, (group, files) in _by_source(sources, lines).items():
+        yield text_read(f"{kind}/{name}", [line.text for line in group], files, context,
                         langs=[line.lang for line in group])
 
 
@@ -396,14 +402,9 @@ def corpus_shard(kind: str, data_cfg: Mapping, tokenizer, seed: int = 0) -> Toke
     configured = configured_sources(data_cfg, kind)
     workers = (data_cfg.get("shards") or {}).get("workers")
     if not configured:
-        corpus = (written_corpus if kind == "written" else spoken_corpus)(setting.get("max_lines_per_source"), seed)
-        sources = [(source.name, source.rel) for source in
-                   (_written_sources() if kind == "written" else _spoken_sources())]
-        texts: dict[str, list[str]] = {name: [] for name, _ in sources}
-        for line in corpus:
-            texts[line.source].append(line.text)
-        built_in = [TextSource(name, lines, tuple(dict.fromkeys(rel for n, rel in sources if n == name)))
-                    for name, lines in texts.items()]
+        corpus = _built_in(kind)[0](setting.get("max_lines_per_source"), seed)
+        built_in = [TextSource(name, [line.text for line in group], tuple(files))
+                    for name, (group, files) in _by_source(_built_in(kind)[1](), corpus).items()]
         return build_shard(built_in, tokenizer, shards_dir(data_cfg), workers=workers or 1, desc=f"tokenize {kind}")
     size = sum(s.size() for s in configured) if all(isinstance(s, FileSource) for s in configured) else None
     shard = build_shard(configured, tokenizer, shards_dir(data_cfg), decontaminate=True, workers=workers,
@@ -419,6 +420,12 @@ def corpus_shard(kind: str, data_cfg: Mapping, tokenizer, seed: int = 0) -> Toke
               for c in shard.sources)
     _log_source_counts(kind, shard)
     return shard
+
+
+def _built_in(kind: str) -> tuple[Callable[[int | None, int], list[TextLine]], Callable[[], list[_Source]]]:
+    """The built-in corpus of ``kind`` and its sources: (:func:`written_corpus`, ``_written_sources``) or the
+    spoken pair."""
+    return (written_corpus, _written_sources) if kind == "written" else (spoken_corpus, _spoken_sources)
 
 
 def _source_read(kind: str, name: str, digest: str, kept: int, read: int, dropped: int,
@@ -454,7 +461,7 @@ def tokenizer_lines(kind: str, data_cfg: Mapping, cap: int | None, seed: int = 0
 
     configured = configured_sources(data_cfg, kind)
     if not configured:
-        return [line.text for line in (written_corpus if kind == "written" else spoken_corpus)(cap, seed=seed)]
+        return [line.text for line in _built_in(kind)[0](cap, seed)]
     exclude, lines = evaluation_texts(), []
     for source in configured:
         sample = sample_lines(source, cap, seed, exclude)
