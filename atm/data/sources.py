@@ -105,12 +105,7 @@ class HFSource:
         Raises:
             AtmError: ``datasets`` is not installed, the dataset cannot be loaded, a record lacks the field.
         """
-        options = self.options
-        try:
-            import datasets
-        except ImportError:
-            raise AtmError(f"{self.name}: reading Hugging Face datasets needs the `datasets` package "
-                           "(pip install 'atm[hf]')") from None
+        options, datasets = self.options, _datasets(self.name)
         field = options.get("text_field", "text")
         try:
             data = datasets.load_dataset(options["name"], options.get("config"), split=options.get("split", "train"),
@@ -126,6 +121,20 @@ class HFSource:
 
 
 Source = FileSource | HFSource
+
+
+def _datasets(where: str):
+    """The ``datasets`` package.
+
+    Raises:
+        AtmError: ``<where>: reading Hugging Face datasets needs the `datasets` package (...)`` when it is missing.
+    """
+    try:
+        import datasets
+    except ImportError:
+        raise AtmError(f"{where}: reading Hugging Face datasets needs the `datasets` package "
+                       "(pip install 'atm[hf]')") from None
+    return datasets
 
 
 def _setting(data_cfg: Mapping, kind: str) -> Mapping:
@@ -195,11 +204,7 @@ def check_sources(data_cfg: Mapping) -> None:
     for kind in KINDS:
         for source in configured_sources(data_cfg, kind):
             if isinstance(source, HFSource):
-                try:
-                    import datasets  # noqa: F401
-                except ImportError:
-                    raise AtmError(f"data.{kind}.hf: reading Hugging Face datasets needs the `datasets` package "
-                                   "(pip install 'atm[hf]')") from None
+                _datasets(f"data.{kind}.hf")
                 continue
             for file in source.files:
                 if is_json_lines(file):
