@@ -253,3 +253,41 @@ def test_xnli_finetuning_and_evaluation_log_their_pairs(runs):
     assert (sizes["ud_pud/test/en"], sizes["ud_pud/test/de"]) == (6, 6)
     assert (sizes["massive/test/en-US"], sizes["massive/test/de-DE"]) == (5, 5)
     assert {n: ev[n]["digest"] for n in HELDOUT} == {n: _inputs(client, ids["tok_a"])[n]["digest"] for n in HELDOUT}
+
+
+_RACE = """
+import sys, time
+import mlflow
+from atm.data.mlflow_datasets import log_reads, text_read
+mlflow.set_tracking_uri(sys.argv[1])
+mlflow.set_experiment("race")
+with mlflow.start_run():
+    reads = [text_read(f"written/source{i}", [f"line {i} {j}" for j in range(3)], [], "training") for i in range(20)]
+    time.sleep(max(0.0, float(sys.argv[2]) - time.time()))
+    log_reads(reads)
+"""
+
+
+def test_runs_logging_the_same_datasets_at_once_all_succeed(tmp_path):
+    """Four processes log the same 20 new datasets to one fresh SQLite store at the same instant: every one
+    succeeds (MLflow inserts a new dataset after looking for it: unlocked, some fail on its unique key),
+    and every run has the 20 inputs."""
+
+
+    import time
+
+    from mlflow import MlflowClient
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    MlflowClient(uri).create_experiment("race")
+    start = time.time() + 12
+    procs = [subprocess.Popen([sys.executable, "-c", _RACE, uri, str(start)], cwd=REPO, stderr=subprocess.PIPE,
+                              text=True) for _ in range(4)]
+    errors = [p.communicate(timeout=300)[1] for p in procs]
+    assert [p.returncode for p in procs] == [0] * 4, [e[-1500:] for e in errors]
+    client = MlflowClient(uri)
+    runs = client.search_runs([client.get_experiment_by_name("race").experiment_id])
+    assert len(runs) == 4
+    for run in runs:
+        names = sorted(d.dataset.name for d in run.inputs.dataset_inputs)
+        assert names == sorted(f"written/source{i}" for i in range(20))

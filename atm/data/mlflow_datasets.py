@@ -180,10 +180,16 @@ def log_reads(reads: Iterable[DataRead]) -> int:
         if key not in _logged and key not in new:
             new[key] = read
     items = list(new.values())
-    for start in range(0, len(items), _BATCH):
-        batch = items[start:start + _BATCH]
-        mlflow.log_inputs(datasets=[_dataset(read) for read in batch], contexts=[read.context for read in batch],
-                          tags_list=[None] * len(batch))
+    from atm.sweeps.locks import store_lock
+
+    # MLflow's SQL store inserts a dataset new to the experiment after looking for it: two runs logging the same
+    # (name, digest) at once both insert, and one fails on the unique key. Held under the store's lock, as
+    # atm.tracking.configure holds its creations (no lock for a tracking server).
+    with store_lock(mlflow.get_tracking_uri(), "datasets"):
+        for start in range(0, len(items), _BATCH):
+            batch = items[start:start + _BATCH]
+            mlflow.log_inputs(datasets=[_dataset(read) for read in batch],
+                              contexts=[read.context for read in batch], tags_list=[None] * len(batch))
     _logged.update(new)
     return len(items)
 
